@@ -1,0 +1,48 @@
+"""The `ahf` command: one verb per stage, each a thin layer over one library function.
+
+Each stage package registers its own verbs through `<package>/cli.py: add_commands(subparsers)`,
+so this file only wires them together and turns `UserError`s into messages and exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ahf.console import UserError, stderr
+
+# Stage packages that contribute verbs; a package whose optional dependencies are missing
+# still lets the others work.
+STAGES = ("mining.cli", "mining.crawl_cli", "ahf.demo", "index.cli", "feedback.cli", "training.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ahf", description="Ambient human feedback: Reddit -> training signal")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in STAGES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue  # that stage has no CLI yet
+            raise
+        module.add_commands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as exc:
+        stderr.print(f"[red]error:[/red] {exc}", highlight=False)
+        return exc.code
+    except KeyboardInterrupt:
+        stderr.print("[yellow]interrupted[/yellow]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

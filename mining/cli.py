@@ -1,0 +1,88 @@
+"""Verbs of the mining stage: `ingest`, `turns`, `stats` (`crawl` lives in mining.crawl_cli)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ahf.console import UserError, emit, progress_bar
+
+DEFAULT_STORE = "runs/store"
+
+
+def add_store_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", default=DEFAULT_STORE, help=f"store directory (default: {DEFAULT_STORE})")
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("ingest", help="ingest dumps / API JSON / BigQuery exports into the store")
+    p.add_argument("paths", nargs="+", help="files or directories")
+    add_store_arg(p)
+    p.add_argument("--no-turns", action="store_true", help="skip rebuilding threads and turns afterwards")
+    p.add_argument("--batch-rows", type=int, default=250_000, help="rows per committed transaction")
+    p.add_argument("--config", help="mining config YAML (default configs/mining.yaml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    add_common(p)
+    p.set_defaults(handler=run_ingest)
+
+    p = subparsers.add_parser("turns", help="rebuild threads and dialog turns from the store")
+    add_store_arg(p)
+    p.add_argument("--config", help="mining config YAML (default configs/mining.yaml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    add_common(p)
+    p.set_defaults(handler=run_turns)
+
+    p = subparsers.add_parser("stats", help="summarise a store: threads, turns, depths, subreddits")
+    add_store_arg(p)
+    add_common(p)
+    p.set_defaults(handler=run_stats)
+
+
+def _mining_config(args):
+    from ahf.config import load_config
+    from mining.turns import MiningConfig
+
+    return load_config(MiningConfig, "mining", args.config, args.set)
+
+
+def run_ingest(args) -> int:
+    from mining.ingest import ingest
+    from mining.turns import build_turns
+
+    config = _mining_config(args)
+    try:
+        with progress_bar("ingest", unit="bytes", enabled=not args.json) as advance:
+            report = ingest(args.paths, args.store, batch_rows=args.batch_rows, progress=advance)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from exc
+    result = report.to_dict()
+    if not args.no_turns:
+        result["turns"] = build_turns(args.store, config.turns).to_dict()
+    lines = [f"read {report.records_read:,} records: ingested {report.ingested:,}, "
+             f"skipped {sum(report.skipped.values()):,} {report.skipped or ''}",
+             f"store {args.store}: {report.store['comments']:,} comments, {report.store['posts']:,} posts, "
+             f"{report.store['threads']:,} threads, {report.store['orphans']:,} orphan replies"]
+    if "turns" in result:
+        lines.append(f"turns: {result['turns']['turns']:,} (filtered {result['turns']['filtered']})")
+    lines += [f"[red]error:[/red] {e}" for e in report.errors]
+    emit(result, args.json, "\n".join(lines))
+    return 0 if report.ok else 1
+
+
+def run_turns(args) -> int:
+    from mining.turns import build_turns
+
+    report = build_turns(args.store, _mining_config(args).turns)
+    emit(report.to_dict(), args.json, f"turns: {report.turns:,} (filtered {report.filtered})")
+    return 0
+
+
+def run_stats(args) -> int:
+    from mining.stats import format_stats, store_stats
+
+    stats = store_stats(args.store)
+    emit(stats, args.json, format_stats(stats))
+    return 0

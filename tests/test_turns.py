@@ -1,0 +1,152 @@
+"""Threads and turns: the SQL tree walk against a plain-Python reference on real trees."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+
+from mining.ingest import ingest
+from mining.store import Store
+from mining.turns import TurnConfig, build_turns, turn_contexts
+
+FUNNY = "reddit-api/TestCommentForest.test_replace__all.json"
+RC_2005 = "pushshift/RC_2005-12.zst"
+
+
+def reference_turns(comments: list[tuple], posts: dict, config: TurnConfig) -> tuple[dict, dict]:
+    """Turns and filter counts computed the slow, obvious way, independently of the SQL."""
+    by_id = {c[0]: c for c in comments}
+    children = defaultdict(list)
+    for c in comments:
+        children[c[2]].append(c)
+
+    def ancestors(c):
+        chain = []
+        parent = c[2]
+        while parent.startswith("t1_"):
+            p = by_id.get(parent[3:])
+            if p is None:
+                return None  # a missing ancestor: orphan
+            chain.append(p[0])
+            parent = p[2]
+        return chain[::-1]
+
+    turns, filtered = {}, defaultdict(int)
+    for cid, link, parent, author, body, score, created in comments:
+        post = posts.get(link[3:])
+        chain = ancestors(by_id[cid])
+        if body == "[deleted]":
+            reason = "deleted_body"
+        elif body == "[removed]":
+            reason = "removed_body"
+        elif not body or not body.strip():
+            reason = "empty_body"
+        elif author in config.bot_authors:
+            reason = "bot_author"
+        elif chain is None:
+            reason = "orphan"
+        elif post and post["over_18"]:
+            reason = "nsfw"
+        elif len(body.strip()) < config.min_chars:
+            reason = "too_short"
+        else:
+            reason = None
+        if reason:
+            filtered[reason] += 1
+            continue
+        siblings = sorted(children[parent], key=lambda s: (-(s[5] if s[5] is not None else -10**18), s[6], s[0]))
+        kids = sorted(children[f"t1_{cid}"], key=lambda k: (k[6], k[0]))
+        parent_created = post["created_utc"] if parent.startswith("t3_") and post else (
+            by_id[parent[3:]][6] if parent.startswith("t1_") else None)
+        turns[cid] = {
+            "depth": len(chain) + 1,
+            "ancestor_ids": chain,
+            "sibling_rank": [s[0] for s in siblings].index(cid) + 1,
+            "n_siblings": len(siblings),
+            "n_children": len(kids),
+            "child_ids": [k[0] for k in kids],
+            "is_op": (author == post["author"] and author not in ("[deleted]", "[removed]")) if post else None,
+            "delay_post_s": created - post["created_utc"] if post else None,
+            "delay_parent_s": created - parent_created if parent_created is not None else None,
+            "reply": body,
+        }
+    return turns, dict(filtered)
+
+
+def _check_against_reference(store_dir, config=TurnConfig()):
+    report = build_turns(store_dir, config)
+    with Store(store_dir, read_only=True) as store:
+        comments = store.con.execute(
+            "SELECT id, link_id, parent_id, author, body, score, created_utc FROM comments").fetchall()
+        posts = {r[0]: {"author": r[1], "created_utc": r[2], "over_18": r[3]} for r in store.con.execute(
+            "SELECT id, author, created_utc, over_18 FROM posts").fetchall()}
+        got = store.con.execute(
+            "SELECT comment_id, depth, ancestor_ids, sibling_rank, n_siblings, n_children, child_ids, is_op, "
+            "delay_post_s, delay_parent_s, reply FROM turns").fetchall()
+    expected, filtered = reference_turns(comments, posts, config)
+    keys = ["depth", "ancestor_ids", "sibling_rank", "n_siblings", "n_children", "child_ids", "is_op",
+            "delay_post_s", "delay_parent_s", "reply"]
+    got_turns = {row[0]: dict(zip(keys, row[1:])) for row in got}
+    assert got_turns == expected
+    assert report.filtered == filtered
+    assert report.comments == report.turns + sum(report.filtered.values())
+    return report
+
+
+@pytest.mark.parametrize("source", [FUNNY, RC_2005])
+def test_turns_match_reference_on_real_trees(shared_data, tmp_path, source):
+    ingest([shared_data / source], tmp_path)
+    _check_against_reference(tmp_path)
+
+
+def test_rc_2005_12_turn_accounting(shared_data, tmp_path):
+    ingest([shared_data / RC_2005], tmp_path)
+    report = build_turns(tmp_path)
+    # deleted/removed bodies stay in the tree but never become reply texts; 15 orphan replies
+    # plus the 7 replies hanging under them have no complete context
+    assert report.filtered == {"deleted_body": 105, "removed_body": 15, "orphan": 22, "too_short": 3}
+    assert report.turns == 930
+    with Store(tmp_path, read_only=True) as store:
+        assert store.con.execute(
+            "SELECT count(*) FROM turns WHERE reply IN ('[deleted]', '[removed]')").fetchone()[0] == 0
+        # no posts in a comment dump: post fields are NULL, not guessed
+        assert store.con.execute(
+            "SELECT count(*) FROM turns WHERE post_title IS NOT NULL OR is_op IS NOT NULL").fetchone()[0] == 0
+
+
+def test_funny_thread_by_hand(shared_data, tmp_path):
+    ingest([shared_data / FUNNY], tmp_path)
+    report = build_turns(tmp_path)
+    assert (report.comments, report.turns, report.max_depth) == (541, 528, 12)
+    with Store(tmp_path, read_only=True) as store:
+        row = store.con.execute(
+            "SELECT post_title, depth, ancestor_ids, parent_body, delay_post_s, delay_parent_s "
+            "FROM turns WHERE comment_id = 'cu5t6gf'").fetchone()
+        assert row[0] == "Ba Dum Tsss"
+        assert row[1:3] == (3, ["cu5p1hh", "cu5t0tk"])
+        assert row[3].startswith("came here to say that")
+        assert row[4:] == (18038, 425)
+        context = turn_contexts(store.con, ["cu5t6gf"])["cu5t6gf"]
+        assert context[0] == "Ba Dum Tsss" and context[1] == "That kid is going places. "
+        assert len(context) == 3
+
+
+def test_filters_are_configurable_and_counted(shared_data, tmp_path):
+    ingest([shared_data / FUNNY], tmp_path)
+    strict = _check_against_reference(tmp_path, TurnConfig(min_chars=40, bot_authors=["AutoModerator", "Kynas"]))
+    assert strict.filtered["too_short"] > 7
+    loose = _check_against_reference(tmp_path, TurnConfig(min_chars=0))
+    assert "too_short" not in loose.filtered
+
+
+def test_failed_rebuild_keeps_previous_turns(shared_data, tmp_path, monkeypatch):
+    import mining.turns as turns_module
+
+    ingest([shared_data / FUNNY], tmp_path)
+    build_turns(tmp_path)
+    monkeypatch.setattr(turns_module, "_TURNS_SQL", turns_module._TURNS_SQL.replace("FROM classified", "FROM nope"))
+    with pytest.raises(Exception):
+        build_turns(tmp_path)
+    with Store(tmp_path, read_only=True) as store:
+        assert store.count("turns") == 528
