@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from rich.markup import escape
+
 from ahf.console import UserError, stderr
 
 # Stage packages that contribute verbs; a package whose optional dependencies are missing
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except UserError as exc:
-        stderr.print(f"[red]error:[/red] {exc}", highlight=False)
+        stderr.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return exc.code
     except KeyboardInterrupt:
         stderr.print("[yellow]interrupted[/yellow]")

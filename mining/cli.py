@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from rich.markup import escape
+
 from ahf.console import UserError, emit, progress_bar
 
 DEFAULT_STORE = "runs/store"
@@ -62,12 +64,12 @@ def run_ingest(args) -> int:
     if not args.no_turns:
         result["turns"] = build_turns(args.store, config.turns).to_dict()
     lines = [f"read {report.records_read:,} records: ingested {report.ingested:,}, "
-             f"skipped {sum(report.skipped.values()):,} {report.skipped or ''}",
+             f"skipped {sum(report.skipped.values()):,} {escape(str(report.skipped)) if report.skipped else ''}",
              f"store {args.store}: {report.store['comments']:,} comments, {report.store['posts']:,} posts, "
              f"{report.store['threads']:,} threads, {report.store['orphans']:,} orphan replies"]
     if "turns" in result:
-        lines.append(f"turns: {result['turns']['turns']:,} (filtered {result['turns']['filtered']})")
-    lines += [f"[red]error:[/red] {e}" for e in report.errors]
+        lines.append(f"turns: {result['turns']['turns']:,} (filtered {escape(str(result['turns']['filtered']))})")
+    lines += [f"[red]error:[/red] {escape(e)}" for e in report.errors]
     emit(result, args.json, "\n".join(lines))
     return 0 if report.ok else 1
 
@@ -76,7 +78,7 @@ def run_turns(args) -> int:
     from mining.turns import build_turns
 
     report = build_turns(args.store, _mining_config(args).turns)
-    emit(report.to_dict(), args.json, f"turns: {report.turns:,} (filtered {report.filtered})")
+    emit(report.to_dict(), args.json, f"turns: {report.turns:,} (filtered {escape(str(report.filtered))})")
     return 0
 
 
