@@ -25,7 +25,14 @@ def add_commands(subparsers) -> None:
 
 def run_demo(args) -> int:
     result = demo(args.out, data=args.data, posts=args.posts, verbose=not args.json)
-    emit(result, args.json, None)
+    steps = result["steps"]
+    summary = [f"demo {'finished' if result['ok'] else 'finished with errors'} in "
+               f"{sum(s.get('seconds', 0) for s in steps.values()):.1f} s: store {result['store']}"]
+    if "query acts" in steps:
+        summary.append(f"  acts: {steps['query acts']['acts']}")
+    summary += [f"  {name}: {steps[name]['rows']} -> {steps[name]['out']}"
+                for name in steps if name.startswith("export ")]
+    emit(result, args.json, "\n".join(summary))
     return 0 if result["ok"] else 1
 
 
@@ -65,4 +72,37 @@ def demo(out_dir: str | Path, data: list[str] | None = None, posts: int = 120, v
     stats = step("stats", lambda: store_stats(store))
     if verbose:
         stderr.print(format_stats(stats), highlight=False)
+    _index_steps(step, store, verbose)
+    _feedback_steps(step, store, out)
     return {"ok": not ingested["errors"], "out": str(out), "store": str(store), "steps": steps}
+
+
+def _index_steps(step, store: Path, verbose: bool) -> None:
+    """BM25 + dense indexes, dialog-act tags, and one query per act."""
+    from collections import Counter
+
+    from index.acts import tag_acts
+    from index.build import build_index
+    from index.query import query
+    from mining.store import Store
+
+    step("index (BM25 + dense)", lambda: build_index(store))
+    step("tag dialog acts", lambda: tag_acts(store).to_dict())
+    with Store(store, read_only=True) as s:
+        counts = Counter(dict(s.con.execute("SELECT act, count(*) FROM acts GROUP BY act").fetchall()))
+    hits = step("query acts", lambda: {"acts": dict(counts), "top": {
+        act: query(store, act, k=3) for act in ("story", "explanation", "qa", "summary")}})
+    if verbose:
+        for act, rows in hits["top"].items():
+            for hit in rows[:1]:
+                stderr.print(f"  top {act}: {hit['reply'][:90]!r}", highlight=False)
+
+
+def _feedback_steps(step, store: Path, out: Path) -> None:
+    """Labels (votes, pairs, reply sentiment) and the three TRL-ready exports."""
+    from feedback.export import export_dataset
+    from feedback.labels import label_store
+
+    step("label feedback", lambda: label_store(store).to_dict())
+    for fmt in ("pairs", "pointwise", "sft"):
+        step(f"export {fmt}", lambda fmt=fmt: export_dataset(store, fmt, out / "exports" / fmt, force=True).to_dict())

@@ -26,6 +26,14 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     stats = result["steps"]["stats"]
     assert {row["subreddit"] for row in stats["subreddits"]} == {
         "synthetic_stories", "synthetic_explain", "synthetic_questions", "synthetic_life"}
+    labels = result["steps"]["label feedback"]
+    assert sum(labels["tiers"].values()) == labels["labelled"] > 0 and labels["pairs"]["shp"] > 0
+    exported = result["steps"]["export pairs"]
+    from datasets import load_from_disk
+
+    pairs = load_from_disk(str(tmp_path / "exports" / "pairs" / "dataset"))
+    assert {split: len(rows) for split, rows in pairs.items()} == exported["rows"]
+    assert {"prompt", "chosen", "rejected", "margin"} <= set(pairs["train"].column_names)
     # the synthetic corpus is deterministic: a second run gives the same store figures
     assert main(["demo", "--out", str(tmp_path), "--posts", "40", "--json"]) == 0
     again = _json(capsys)["steps"]["stats"]

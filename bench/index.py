@@ -1,0 +1,223 @@
+"""Benchmark of the index stage: build rates and act-query latency at scaled sizes.
+
+    python bench/index.py --data ../shared/data --sizes 10000 100000 [1000000] [--out bench/out/index.json]
+
+The corpus is the real labelled check set (index.checkset: WritingPrompts stories, ELI5 answers,
+the December 2005 comment dump) scaled by repeating its turns with fresh comment ids, so the
+large runs hit the embedding cache and encode only the unique texts. Reported, all in one run:
+- encoder: sentence-transformers `encode` alone on the unique texts (texts/s), and our cold
+  dense build on the same texts (cache empty): the ratio is the dense-build overhead;
+- per size: BM25 build (turns/s, Lucene via Anserini in-process, warm JVM) next to bm25s
+  indexing the same replies; dense build from a warm cache (turns/s); act tagging (turns/s);
+- per size: latency p50/p99 of `ActSearcher.query(act, TEXT, k=10)` (hybrid BM25 + dense,
+  fused, with the store lookup of context and reply), of the act query without TEXT, and of a
+  bare pyserini `LuceneSearcher.search(k=10)` and bm25s `retrieve(k=10)` on the same queries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def percentiles(samples: list[float]) -> dict:
+    ms = np.array(samples) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "n": len(samples)}
+
+
+def make_base_store(data: Path, work: Path) -> Path:
+    from index.checkset import build_checkset, write_checkset
+    from mining.ingest import ingest
+    from mining.turns import build_turns
+
+    write_checkset(build_checkset(data), work / "checkset")
+    store = work / "base"
+    shutil.rmtree(store, ignore_errors=True)
+    ingest([work / "checkset" / "RS_checkset.ndjson", work / "checkset" / "RC_checkset.ndjson"], store)
+    build_turns(store)
+    return store
+
+
+def scaled_store(base: Path, size: int, work: Path) -> Path:
+    """A copy of the base store whose `turns` holds `size` turns: repeats with fresh comment ids."""
+    from mining.store import Store
+
+    dest = work / f"store-{size}"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir()
+    shutil.copy(base / "ahf.duckdb", dest / "ahf.duckdb")
+    with Store(dest) as s:
+        n = s.con.sql("SELECT count(*) FROM turns").fetchall()[0][0]
+        copies = -(-size // n)
+        s.con.execute(f"""
+            CREATE TABLE turns_scaled AS
+            SELECT * REPLACE (CASE WHEN r = 0 THEN comment_id ELSE comment_id || 'x' || r END AS comment_id)
+            FROM turns, range({copies}) AS t(r)
+            ORDER BY r, comment_id LIMIT {size}""")
+        s.con.execute("DROP TABLE turns")
+        s.con.execute("ALTER TABLE turns_scaled RENAME TO turns")
+    return dest
+
+
+def bench_encoder(store: Path, work: Path, sample: int, warm_cache: str | None) -> dict:
+    """The bare encoder vs our cold dense build (empty cache), on the same `sample` unique texts.
+
+    Returns the stats and a cache holding every base text (from `warm_cache` plus what is missing)."""
+    from index.corpus import read_turns
+    from index.dense import DenseConfig, Encoder, build_dense
+    from mining.store import Store
+
+    with Store(store, read_only=True) as s:
+        turns = read_turns(s.con)
+    all_ids, all_texts = turns["comment_id"].to_pylist(), turns["reply"].to_pylist()
+    # An even spread of the base turns (stories, answers and 2005 comments alike), unique texts.
+    seen, ids, texts = set(), [], []
+    for i in np.linspace(0, len(all_ids) - 1, min(sample, len(all_ids))).astype(int):
+        if all_texts[i] not in seen:
+            seen.add(all_texts[i])
+            ids.append(all_ids[i])
+            texts.append(all_texts[i])
+    encoder = Encoder()
+    encoder.encode(texts[:16])  # warm-up (weights into memory, threads spun up)
+    started = time.perf_counter()
+    encoder.encode(texts)
+    bare_s = time.perf_counter() - started
+    cold = work / "cold-index"
+    shutil.rmtree(cold, ignore_errors=True)
+    report = build_dense(ids, texts, cold, DenseConfig())
+    stats = {"texts": len(texts), "words_mean": round(float(np.mean([len(t.split()) for t in texts])), 1),
+             "device": encoder.device, "bare_encode_texts_per_s": round(len(texts) / bare_s, 1),
+             "cold_dense_build_turns_per_s": round(len(ids) / report.seconds, 1),
+             "ratio": round((len(ids) / report.seconds) / (len(texts) / bare_s), 3),
+             "cold_encoded": report.encoded}
+    # The cache for the scaled runs: every base text (encodes only what `warm_cache` lacks).
+    full = work / "full-index"
+    shutil.rmtree(full, ignore_errors=True)
+    if warm_cache:
+        shutil.copytree(warm_cache, _cache_dir(full))
+    report = build_dense(all_ids, all_texts, full, DenseConfig())
+    stats["base_turns"], stats["base_encoded_now"] = len(all_ids), report.encoded
+    return stats, full / "embeddings"
+
+
+def _cache_dir(root: Path) -> Path:
+    from index.dense import DenseConfig, cache_dir
+
+    return cache_dir(root, DenseConfig().encoder)
+
+
+def bench_size(base: Path, size: int, work: Path, cache: Path, queries: list[tuple[str, str]]) -> dict:
+    import bm25s
+
+    from index.acts import tag_acts
+    from index.bm25 import BM25Searcher, build_bm25
+    from index.corpus import read_turns
+    from index.dense import DenseConfig, build_dense
+    from index.query import ActSearcher
+    from mining.store import Store
+
+    store = scaled_store(base, size, work)
+    root = store / "index"
+    shutil.copytree(cache, root / "embeddings")
+    out: dict = {"turns": size}
+    with Store(store, read_only=True) as s:
+        started = time.perf_counter()
+        turns = read_turns(s.con)
+        out["read_turns_s"] = round(time.perf_counter() - started, 3)
+        report = build_bm25(s.con, root, threads=2)
+    out["bm25_build_turns_per_s"] = round(size / report.seconds, 1)
+    ids, texts = turns["comment_id"].to_pylist(), turns["reply"].to_pylist()
+
+    started = time.perf_counter()
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+    out["bm25s_build_turns_per_s"] = round(size / (time.perf_counter() - started), 1)
+
+    dense = build_dense(ids, texts, root, DenseConfig())
+    out["dense_cached_build_turns_per_s"] = round(size / dense.seconds, 1)
+    out["dense_index_type"], out["dense_encoded"] = dense.index_type, dense.encoded
+
+    tagged = tag_acts(store)
+    out["tag_turns_per_s"] = round(size / tagged.seconds, 1)
+    out["acts"] = tagged.counts
+
+    lucene = BM25Searcher(root)
+    samples = {"hybrid_act_query": [], "act_query_no_text": [], "pyserini_lucene_k10": [], "bm25s_k10": []}
+    with ActSearcher(store) as searcher:
+        searcher.query(queries[0][0], queries[0][1], k=10)  # loads the JVM side, FAISS and the encoder
+        for act, text in queries:
+            t0 = time.perf_counter()
+            searcher.query(act, text, k=10)
+            t1 = time.perf_counter()
+            searcher.query(act, None, k=10)
+            t2 = time.perf_counter()
+            lucene.searcher.search(text, k=10)
+            t3 = time.perf_counter()
+            retriever.retrieve(bm25s.tokenize([text], stopwords="en", show_progress=False), k=10,
+                               show_progress=False)
+            t4 = time.perf_counter()
+            for name, dt in zip(samples, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                samples[name].append(dt)
+    lucene.close()
+    out["latency"] = {name: percentiles(v) for name, v in samples.items()}
+    shutil.rmtree(store, ignore_errors=True)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--work", help="scratch directory (default: a temporary one)")
+    parser.add_argument("--encoder-sample", type=int, default=300, help="texts for the bare-vs-cold encoder run")
+    parser.add_argument("--warm-cache", help="an embedding cache dir (STORE/index/embeddings/<encoder>) to start from")
+    parser.add_argument("--out", default=str(REPO / "bench" / "out" / "index.json"))
+    args = parser.parse_args()
+
+    from index.jvm import ensure_jvm
+
+    ensure_jvm()
+    work = Path(args.work or tempfile.mkdtemp(prefix="ahf-bench-index-"))
+    work.mkdir(parents=True, exist_ok=True)
+    base = make_base_store(Path(args.data), work)
+
+    from index.checkset import build_checkset
+
+    checkset = build_checkset(Path(args.data), max_distractors=0)
+    # Act queries: prompts ask for stories, questions for explanations (both real titles).
+    prompts = [p["title"] for p in checkset.posts if p["id"].startswith("wp")]
+    questions = [p["title"] for p in checkset.posts if not p["id"].startswith("wp")]
+    queries = [("story", t) for t in prompts[: args.queries // 2]]
+    queries += [("explanation", t) for t in questions[: args.queries - len(queries)]]
+
+    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "python": platform.python_version()}, "sizes": {}}
+    result["encoder"], cache = bench_encoder(base, work, args.encoder_sample, args.warm_cache)
+    print(json.dumps(result["encoder"]), flush=True)
+    for size in args.sizes:
+        result["sizes"][str(size)] = bench_size(base, size, work, cache, queries)
+        print(json.dumps({str(size): result["sizes"][str(size)]}), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

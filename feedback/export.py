@@ -1,0 +1,311 @@
+"""`ahf export`: labelled turns -> TRL-ready datasets (JSONL, Parquet, `datasets.DatasetDict`).
+
+Formats and their columns (TRL's conventions first, then provenance columns that TRL drops):
+
+- `pairs` (RewardTrainer, DPO): `prompt`, `chosen`, `rejected`, `margin`, + `rule`, `post_id`,
+  `chosen_id`, `rejected_id`, `subreddit`, `chosen_score`, `rejected_score`.
+- `pointwise` (KTO-style, regression): `prompt`, `completion`, `label` (true for tier good),
+  `tier`, `reward`, + `adjusted`, `reply_sentiment`, `comment_id`, `post_id`, `subreddit`.
+- `sft` (SFTTrainer): `prompt`, `completion`, + `tier`, `comment_id`, `post_id`, `subreddit`.
+
+`prompt` is the dialog context: post title, selftext (when present), then every ancestor comment
+down to the parent, joined and terminated by `context_separator`, so that TRL's
+`prompt + completion` reads naturally. Rows are split train / validation / test by a hash of the
+post id (no post in two splits), and exact duplicates (same prompt and texts) are removed before the
+split. DIR receives `{split}.jsonl`, `{split}.parquet`, `dataset/` (`DatasetDict.save_to_disk`),
+`README.md` (the dataset card) with `plots/*.png`, and `.ahf-export.json` (the manifest that marks
+DIR as an export, so `--force` never deletes a directory it did not write).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ahf.console import UserError
+from feedback import card
+from feedback.labels import ExportConfig, labels_config_of
+from mining.store import Store
+
+Format = Literal["pairs", "pointwise", "sft"]
+FORMATS = ("pairs", "pointwise", "sft")
+MANIFEST = ".ahf-export.json"
+
+# The context of every turn of the store: post title / selftext, then ancestor bodies, in order.
+_CONTEXT_SQL = """
+CREATE OR REPLACE TEMP TABLE export_context AS
+WITH anc AS (
+  SELECT t.comment_id, a.i, c.body
+  FROM (SELECT comment_id, unnest(ancestor_ids) AS aid, generate_subscripts(ancestor_ids, 1) AS i
+        FROM turns) a
+  JOIN turns t USING (comment_id)
+  JOIN comments c ON c.id = a.aid
+), chain AS (
+  SELECT comment_id, string_agg(body, $sep ORDER BY i) AS ancestors FROM anc GROUP BY comment_id
+)
+SELECT t.comment_id,
+       concat_ws($sep, nullif(t.post_title, ''), nullif(t.post_selftext, ''), chain.ancestors) AS context
+FROM turns t LEFT JOIN chain USING (comment_id)
+"""
+
+_ACT_FILTER = "(SELECT comment_id FROM acts WHERE act = $act AND coalesce(confidence, 1) >= $min_conf)"
+
+_ROWS_SQL = {
+    "pairs": """
+SELECT x.context || $sep AS prompt, c.reply AS chosen, r.reply AS rejected, p.margin,
+       p.rule, p.post_id, p.chosen_id, p.rejected_id, c.subreddit, p.chosen_score, p.rejected_score
+FROM pairs p
+JOIN turns c ON c.comment_id = p.chosen_id
+JOIN turns r ON r.comment_id = p.rejected_id
+JOIN export_context x ON x.comment_id = p.chosen_id
+WHERE list_contains($rules, p.rule) {act_pairs}
+""",
+    "pointwise": """
+SELECT x.context || $sep AS prompt, t.reply AS completion, l.tier = 'good' AS label, l.tier, l.reward,
+       l.adjusted, l.reply_sentiment_weighted AS reply_sentiment, t.comment_id, t.post_id, t.subreddit
+FROM labels l
+JOIN turns t USING (comment_id)
+JOIN export_context x USING (comment_id)
+WHERE list_contains($tiers, l.tier) {act_turns}
+""",
+    "sft": """
+SELECT x.context || $sep AS prompt, t.reply AS completion, l.tier, t.comment_id, t.post_id, t.subreddit
+FROM labels l
+JOIN turns t USING (comment_id)
+JOIN export_context x USING (comment_id)
+WHERE list_contains($tiers, l.tier) {act_turns}
+""",
+}
+
+# Columns that identify a duplicate row, and the order that decides which copy stays.
+_DEDUP = {
+    "pairs": ("prompt, chosen, rejected", "margin DESC, rule, chosen_id, rejected_id"),
+    "pointwise": ("prompt, completion", "post_id, comment_id"),
+    "sft": ("prompt, completion", "post_id, comment_id"),
+}
+
+
+@dataclass
+class ExportReport:
+    format: str
+    out: str
+    rows: dict[str, int] = field(default_factory=dict)  # per split
+    candidates: int = 0  # rows before dropping empty prompts and duplicates
+    dropped: dict[str, int] = field(default_factory=dict)
+    posts: dict[str, int] = field(default_factory=dict)  # per split
+    act: str | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["seconds"] = round(self.seconds, 3)
+        return out
+
+
+def split_of(post_id: str, splits: dict[str, float], seed: int) -> str:
+    """A stable split for a post: the same post id always lands in the same split (any machine)."""
+    u = int(hashlib.md5(f"{seed}:{post_id}".encode()).hexdigest()[:12], 16) / 16**12
+    edge = 0.0
+    names = list(splits)
+    for name in names:
+        edge += splits[name]
+        if u < edge:
+            return name
+    return names[-1]
+
+
+def _check_out(out: Path, force: bool, store_dir: Path) -> None:
+    out_abs, store_abs = out.resolve(), store_dir.resolve()
+    if out_abs == store_abs or out_abs in store_abs.parents:
+        raise UserError(f"--out {out} would contain the store {store_dir}; choose another directory")
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"--out {out} exists and is not a directory")
+        if any(out.iterdir()):
+            if not force:
+                raise UserError(f"--out {out} is not empty; pass --force to replace an earlier export")
+            if not (out / MANIFEST).exists():
+                raise UserError(f"--out {out} is not empty and is not an ahf export (no {MANIFEST}); "
+                                "refusing to replace it even with --force")
+
+
+def export_dataset(store_dir: str | Path, fmt: Format, out: str | Path, act: str | None = None,
+                   force: bool = False, config: ExportConfig | None = None) -> ExportReport:
+    """Write one export of the store's labels into `out` (replaced atomically with `force`)."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    config = config or ExportConfig()
+    started = time.perf_counter()
+    store_dir, out = Path(store_dir), Path(out)
+    _check_out(out, force, store_dir)
+    report = ExportReport(format=fmt, out=str(out), act=act)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        with Store(store_dir, read_only=True) as store:
+            for table in ("turns", "labels", "pairs"):
+                if not store.has_table(table):
+                    raise UserError(f"store {store_dir} has no {table} table; run `ahf label --store {store_dir}`")
+            store.con.execute("SET enable_progress_bar = false")
+            counts = _select_rows(store, fmt, act, config, report)
+            _write_splits(store.con, fmt, tmp, config, report)
+            provenance = _provenance(store, store_dir)
+            labels_config = labels_config_of(store.con)
+        _save_datasets(tmp, list(config.splits))
+        card.write_card(tmp, fmt, report, config, labels_config, provenance, counts)
+        report.seconds = time.perf_counter() - started
+        (tmp / MANIFEST).write_text(json.dumps({"report": report.to_dict(), "provenance": provenance}, indent=1))
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _select_rows(store: Store, fmt: str, act: str | None, config: ExportConfig, report: ExportReport) -> dict:
+    """Materialise the export rows (deduplicated, with their split) in a temp table `export_rows`."""
+    con = store.con
+    params: dict = {"sep": config.context_separator}
+    act_turns = act_pairs = ""
+    if act is not None:
+        if not store.has_table("acts"):
+            raise UserError(f"--act {act}: store {store.path} has no acts table; tag dialog acts first "
+                            "(`ahf acts`, index stage)")
+        known = [r[0] for r in con.execute("SELECT DISTINCT act FROM acts ORDER BY act").fetchall()]
+        if act not in known:
+            raise UserError(f"--act {act}: no turn has this act; the acts table has {known}")
+        params |= {"act": act, "min_conf": config.act_min_confidence}
+        act_turns = f"AND t.comment_id IN {_ACT_FILTER}"
+        act_pairs = f"AND p.chosen_id IN {_ACT_FILTER} AND p.rejected_id IN {_ACT_FILTER}"
+    if fmt == "pairs":
+        params["rules"] = list(config.rules)
+    else:
+        params["tiers"] = list(config.tiers if fmt == "pointwise" else config.sft_tiers)
+    con.execute(_CONTEXT_SQL, {"sep": config.context_separator})
+    rows_sql = _ROWS_SQL[fmt].format(act_turns=act_turns, act_pairs=act_pairs)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE export_candidates AS {rows_sql}", params)
+    report.candidates = con.execute("SELECT count(*) FROM export_candidates").fetchone()[0]
+    # A top-level reply to a post missing from the store (comment-only dumps) has no context.
+    empty = con.execute("SELECT count(*) FROM export_candidates WHERE prompt = $sep",
+                        {"sep": config.context_separator}).fetchone()[0]
+    # A pair of identical texts (two siblings both saying "this") teaches nothing.
+    same = con.execute("SELECT count(*) FROM export_candidates WHERE prompt <> $sep AND chosen = rejected",
+                       {"sep": config.context_separator}).fetchone()[0] if fmt == "pairs" else 0
+    key, order = _DEDUP[fmt]
+    post_ids = [r[0] for r in con.execute("SELECT DISTINCT post_id FROM export_candidates").fetchall()]
+    splits = pa.table({"post_id": pa.array(post_ids, pa.string()),
+                       "split": pa.array([split_of(p, config.splits, config.seed) for p in post_ids], pa.string())})
+    con.register("post_splits", splits)
+    try:
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE export_rows AS
+            SELECT e.*, s.split FROM export_candidates e JOIN post_splits s USING (post_id)
+            WHERE e.prompt <> $sep {"AND e.chosen <> e.rejected" if fmt == "pairs" else ""}
+            QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY {order}) = 1
+        """, {"sep": config.context_separator})
+    finally:
+        con.unregister("post_splits")
+    kept = con.execute("SELECT count(*) FROM export_rows").fetchone()[0]
+    report.dropped = {"no_context": empty, "duplicate": report.candidates - empty - same - kept}
+    if fmt == "pairs":
+        report.dropped["same_text"] = same
+    by_split = dict(con.execute("SELECT split, count(*) FROM export_rows GROUP BY split").fetchall())
+    report.rows = {s: by_split.get(s, 0) for s in config.splits}
+    posts = dict(con.execute("SELECT split, count(DISTINCT post_id) FROM export_rows GROUP BY split").fetchall())
+    report.posts = {s: posts.get(s, 0) for s in config.splits}
+    return _distributions(con, fmt)
+
+
+def _distributions(con, fmt: str) -> dict:
+    """Figures for the card: per-split category counts and the numeric values to plot."""
+    category = "rule" if fmt == "pairs" else "tier"
+    counts: dict = {"by": category, "table": {}}
+    for split, value, n in con.execute(
+            f"SELECT split, {category}, count(*) FROM export_rows GROUP BY ALL ORDER BY ALL").fetchall():
+        counts["table"].setdefault(split, {})[value] = n
+    numeric = {"pairs": ["margin"], "pointwise": ["reward", "reply_sentiment"], "sft": []}[fmt]
+    counts["values"] = {
+        col: [r[0] for r in con.execute(f"SELECT {col} FROM export_rows WHERE {col} IS NOT NULL "
+                                        f"USING SAMPLE reservoir(20000 ROWS) REPEATABLE (0)").fetchall()]
+        for col in numeric}
+    counts["subreddits"] = dict(con.execute(
+        "SELECT subreddit, count(*) FROM export_rows GROUP BY ALL ORDER BY 2 DESC, 1 LIMIT 20").fetchall())
+    return counts
+
+
+def _write_splits(con, fmt: str, tmp: Path, config: ExportConfig, report: ExportReport) -> None:
+    """Stream each split into JSONL and Parquet (record batches: memory stays bounded)."""
+    for split in config.splits:
+        order = "post_id, chosen_id, rejected_id, rule" if fmt == "pairs" else "post_id, comment_id"
+        reader = con.sql(f"SELECT * EXCLUDE (split) FROM export_rows WHERE split = $s ORDER BY {order}",
+                         params={"s": split}).to_arrow_reader(10_000)
+        with (tmp / f"{split}.jsonl").open("wb") as jsonl, \
+                pq.ParquetWriter(tmp / f"{split}.parquet", reader.schema) as parquet:
+            for batch in reader:
+                parquet.write_batch(batch)
+                for row in batch.to_pylist():
+                    jsonl.write(orjson.dumps(row) + b"\n")
+
+
+def _save_datasets(tmp: Path, splits: list[str]) -> None:
+    import datasets
+
+    cache = tmp / ".cache"  # datasets' arrow cache stays inside the export until it is removed
+    bars_were_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        parts, shards = {}, {}
+        for s in splits:
+            path = tmp / f"{s}.parquet"
+            if pq.ParquetFile(path).metadata.num_rows == 0:
+                # from_parquet rejects empty files, and an empty split saved with 0 shards
+                # cannot be loaded again: one empty shard can.
+                parts[s], shards[s] = datasets.Dataset(pq.read_table(path)), 1
+            else:  # memory-mapped from the cache, not loaded into RAM
+                parts[s] = datasets.Dataset.from_parquet(str(path), cache_dir=str(cache))
+        datasets.DatasetDict(parts).save_to_disk(str(tmp / "dataset"), num_shards=shards or None)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _provenance(store: Store, store_dir: Path) -> dict:
+    con = store.con
+    first, last, subs = con.execute(
+        "SELECT min(created_utc), max(created_utc), count(DISTINCT subreddit) FROM turns").fetchone()
+    return {
+        "store": str(store_dir.resolve()),
+        "tables": {t: store.count(t) for t in ("posts", "comments", "turns", "labels", "pairs", "acts")
+                   if store.has_table(t)},
+        "turns_created_utc": [first, last],
+        "subreddits": subs,
+        "exported_utc": int(time.time()),
+    }
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished export into place; an earlier one is swapped out, then deleted."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

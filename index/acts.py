@@ -1,0 +1,230 @@
+"""Dialog acts: tag every turn as story / explanation / qa / summary (or `other`).
+
+Definitions live in `configs/acts.yaml` (model: `ActsConfig`); the header of that file explains
+the four cues and how they are fused. `tag_acts` reads the turns, the live BM25 and dense
+indexes, and writes the `acts` table (comment_id, act, confidence) into the store, replacing the
+previous one in one transaction. Subreddit names are never used, so turns keep their act when
+they move to a subreddit whose name says nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, Field, field_validator
+
+from ahf.console import UserError
+
+OTHER = "other"
+CUE_FIELDS = ("reply", "parent_text", "title", "context")
+
+
+class Cue(BaseModel):
+    """A structural cue: `pattern` (RE2, case-insensitive) searched in `field`."""
+
+    field: Literal["reply", "parent_text", "title", "context"]
+    pattern: str
+    weight: float = 1.0
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        try:  # RE2 via Arrow: the engine that runs it
+            pc.match_substring_regex(pa.array(["x"]), pattern, ignore_case=True)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise ValueError(f"not a valid RE2 pattern: {exc}") from exc
+        return pattern
+
+
+class LengthPrior(BaseModel):
+    min_words: int = Field(1, ge=0)
+    max_words: int = Field(100_000, ge=1)
+
+
+class ActDef(BaseModel):
+    description: str = ""
+    bm25_terms: str = ""
+    exemplars: list[str] = Field(default_factory=list)
+    cues: list[Cue] = Field(default_factory=list)
+    length: LengthPrior = Field(default_factory=LengthPrior)
+
+
+class CueWeights(BaseModel):
+    structure: float = Field(0.4, ge=0)
+    dense: float = Field(0.3, ge=0)
+    bm25: float = Field(0.1, ge=0)
+    length: float = Field(0.2, ge=0)
+
+
+class ActsConfig(BaseModel):
+    """The act definitions and how their cues are fused (see configs/acts.yaml)."""
+
+    min_confidence: float = Field(0.45, ge=0, le=1)
+    weights: CueWeights = Field(default_factory=CueWeights)
+    dense_low: float = 0.10
+    dense_high: float = 0.55
+    bm25_depth: float = Field(0.25, gt=0, description="fraction of turns (< 1) or a number of hits")
+    acts: dict[str, ActDef] = Field(default_factory=dict)
+
+    @field_validator("acts")
+    @classmethod
+    def _named(cls, acts: dict[str, ActDef]) -> dict[str, ActDef]:
+        if not acts:
+            raise ValueError("define at least one act")
+        if OTHER in acts:
+            raise ValueError(f"'{OTHER}' is reserved for turns that match no act")
+        return acts
+
+
+def load_acts_config(path: str | None = None, overrides: list[str] | None = None) -> ActsConfig:
+    from ahf.config import load_config
+
+    return load_config(ActsConfig, "acts", path, overrides)
+
+
+# ---------------------------------------------------------------------------- the cues
+
+def structure_scores(turns: pa.Table, act: ActDef) -> np.ndarray:
+    total = np.zeros(turns.num_rows)
+    for cue in act.cues:
+        column = pc.fill_null(turns[cue.field], "")
+        hit = pc.match_substring_regex(column, cue.pattern, ignore_case=True)
+        total += cue.weight * hit.to_numpy(zero_copy_only=False).astype(float)
+    return np.clip(total, 0.0, 1.0)
+
+
+def word_counts(texts: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return pc.count_substring_regex(pc.fill_null(texts, ""), r"\S+").to_numpy(zero_copy_only=False)
+
+
+def length_scores(words: np.ndarray, prior: LengthPrior) -> np.ndarray:
+    words = words.astype(float)
+    below = np.where(prior.min_words > 0, words / max(prior.min_words, 1), 1.0)
+    above = prior.max_words / np.maximum(words, 1.0)
+    return np.clip(np.minimum(below, above), 0.0, 1.0)
+
+
+def dense_scores(turn_vectors: np.ndarray, exemplar_vectors: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Best cosine to any exemplar, mapped from [low, high] to [0, 1]."""
+    if not len(exemplar_vectors):
+        return np.zeros(len(turn_vectors))
+    best = (turn_vectors @ exemplar_vectors.T).max(axis=1)
+    return np.clip((best - low) / max(high - low, 1e-9), 0.0, 1.0)
+
+
+def bm25_scores(searcher, terms: str, row_of: dict[str, int], n: int, depth: int) -> np.ndarray:
+    scores = np.zeros(n)
+    hits = searcher.search(terms, k=depth) if terms.strip() else []
+    if hits:
+        best = hits[0][1] or 1.0
+        for docid, score in hits:
+            row = row_of.get(docid)
+            if row is not None:
+                scores[row] = score / best
+    return scores
+
+
+@dataclass
+class ActsReport:
+    turns: int
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"turns": self.turns, "acts": self.counts, "seconds": round(self.seconds, 3)}
+
+
+def score_acts(turns: pa.Table, vectors: np.ndarray, exemplar_vectors: dict[str, np.ndarray],
+               bm25: dict[str, np.ndarray], config: ActsConfig) -> dict[str, np.ndarray]:
+    """Confidence of every act for every turn (row order of `turns`)."""
+    w = config.weights
+    total_weight = (w.structure + w.dense + w.bm25 + w.length) or 1.0
+    words = word_counts(turns["reply"])
+    out = {}
+    for name, act in config.acts.items():
+        fused = (w.structure * structure_scores(turns, act)
+                 + w.dense * dense_scores(vectors, exemplar_vectors[name], config.dense_low, config.dense_high)
+                 + w.bm25 * bm25[name]
+                 + w.length * length_scores(words, act.length))
+        out[name] = fused / total_weight
+    return out
+
+
+def assign(confidences: dict[str, np.ndarray], min_confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """The best act per turn (`other` below min_confidence) and its confidence."""
+    names = list(confidences)
+    matrix = np.vstack([confidences[n] for n in names])
+    best = matrix.argmax(axis=0)
+    conf = matrix[best, np.arange(matrix.shape[1])]
+    acts = np.array(names, dtype=object)[best]
+    acts[conf < min_confidence] = OTHER
+    return acts, conf
+
+
+def tag_acts(store_dir: str | Path, config: ActsConfig | None = None, index_root: str | Path | None = None,
+             progress=None) -> ActsReport:
+    """Tag every turn of the store and write the `acts` table."""
+    from index.bm25 import BM25Searcher
+    from index.corpus import read_turns
+    from index.dense import DenseSearcher
+    from index.manifest import default_root
+    from mining.store import Store
+
+    config = config or load_acts_config()
+    root = Path(index_root) if index_root else default_root(store_dir)
+    started = time.perf_counter()
+    with Store(store_dir, read_only=True) as store:
+        turns = read_turns(store.con)
+    ids = turns["comment_id"].to_pylist()
+    row_of = {cid: i for i, cid in enumerate(ids)}
+    n = len(ids)
+    if n == 0:
+        raise UserError(f"the store {store_dir} has no turns to tag")
+
+    dense = DenseSearcher(root)
+    missing = [cid for cid in ids if cid not in dense.row]
+    if missing:
+        raise UserError(f"{len(missing)} turns are not in the dense index (e.g. {missing[0]}): "
+                        "run `ahf index` after `ahf turns`")
+    vectors = dense.vectors()[np.array([dense.row[cid] for cid in ids])]
+    exemplars = {name: dense.encoder.encode(act.exemplars) for name, act in config.acts.items()}
+
+    bm25 = BM25Searcher(root)
+    depth = int(config.bm25_depth * n) if config.bm25_depth < 1 else int(config.bm25_depth)
+    lexical = {name: bm25_scores(bm25, act.bm25_terms, row_of, n, max(1, depth))
+               for name, act in config.acts.items()}
+    bm25.close()
+
+    acts, conf = assign(score_acts(turns, vectors, exemplars, lexical, config), config.min_confidence)
+    table = pa.table({"comment_id": ids, "act": acts.tolist(),
+                      "confidence": pa.array(conf, type=pa.float64())})
+    write_acts(store_dir, table)
+    counts = dict(zip(*np.unique(acts.astype(str), return_counts=True)))
+    return ActsReport(turns=n, counts={k: int(v) for k, v in sorted(counts.items())},
+                      seconds=time.perf_counter() - started)
+
+
+def write_acts(store_dir: str | Path, table: pa.Table) -> None:
+    """Replace the `acts` table in one transaction (a failure keeps the previous one)."""
+    from mining.store import Store
+
+    with Store(store_dir, create=False) as store:
+        con = store.con
+        con.register("acts_batch", table)
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute("DROP TABLE IF EXISTS acts")
+            con.execute("CREATE TABLE acts (comment_id VARCHAR PRIMARY KEY, act VARCHAR, confidence DOUBLE)")
+            con.execute("INSERT INTO acts SELECT comment_id, act, confidence FROM acts_batch")
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        finally:
+            con.unregister("acts_batch")

@@ -1,0 +1,150 @@
+"""`ahf query --act TYPE [TEXT]`: the top turns of a dialog act, optionally ranked by relevance to TEXT.
+
+Without TEXT the turns tagged TYPE come by act confidence (ties: comment id). With TEXT, BM25
+(Lucene) and dense (FAISS) each rank the turns tagged TYPE for TEXT and the two runs are fused
+(reciprocal-rank fusion by default, or interpolation of normalised scores). The dense side
+searches only inside the act (a FAISS ID selector, exact for flat indexes); the BM25 side keeps
+the act's turns among its top `bm25_depth` (50) hits: pyserini loads every hit's stored document,
+so a deep BM25 list costs more than the fusion gains from it.
+
+`ActSearcher` loads everything once, so a process answering many queries (the benchmark, a
+server) pays the JVM start, the index loads and the encoder load once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ahf.console import UserError
+from index.corpus import fetch_turns
+from index.fusion import fuse
+from index.manifest import default_root
+from mining.store import Store
+
+
+@dataclass
+class Hit:
+    comment_id: str
+    act: str
+    score: float
+    confidence: float
+    subreddit: str
+    context: str
+    reply: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class ActSearcher:
+    def __init__(self, store_dir: str | Path, index_root: str | Path | None = None, fusion: str = "rrf",
+                 alpha: float = 0.5, bm25_depth: int = 50, dense_depth: int = 50):
+        self.store_dir = Path(store_dir)
+        self.root = Path(index_root) if index_root else default_root(store_dir)
+        self.fusion, self.alpha = fusion, alpha
+        self.bm25_depth, self.dense_depth = bm25_depth, dense_depth
+        self.store = Store(store_dir, read_only=True)
+        con = self.store.con
+        # (fetchall, not Store.has_table: a half-read fetchone result blocks the connection in DuckDB 2)
+        if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'acts'"
+                           ).fetchall()[0][0]:
+            raise UserError(f"the store {store_dir} has no `acts` table: run `ahf acts tag --store DIR` first")
+        rows = con.sql("SELECT a.comment_id, a.act, a.confidence, coalesce(t.subreddit, '') AS subreddit "
+                       "FROM acts a JOIN turns t USING (comment_id) "
+                       "ORDER BY a.act, a.confidence DESC, a.comment_id").fetchnumpy()
+        self._ids, self._acts = rows["comment_id"].astype(object), rows["act"].astype(object)
+        self._conf = rows["confidence"].astype(float)
+        self._subs = rows["subreddit"].astype(object)
+        self.acts = sorted(set(self._acts.tolist()))
+        self._by_act: dict[str, np.ndarray] = {a: np.flatnonzero(self._acts == a) for a in self.acts}
+        self._conf_of = dict(zip(self._ids.tolist(), self._conf.tolist()))
+        self._sub_of = dict(zip(self._ids.tolist(), self._subs.tolist()))
+        self._candidates: dict[tuple[str, str | None], tuple[np.ndarray, set[str], np.ndarray | None]] = {}
+        self._bm25 = self._dense = None
+
+    def close(self) -> None:
+        self.store.close()
+        if self._bm25 is not None:
+            self._bm25.close()
+
+    def __enter__(self) -> ActSearcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ candidates
+
+    def _candidate_rows(self, act: str, subreddit: str | None) -> np.ndarray:
+        if act not in self._by_act:
+            raise UserError(f"unknown act {act!r}; the store has: {', '.join(self.acts)}")
+        rows = self._by_act[act]
+        if subreddit is not None:
+            rows = rows[self._subs[rows] == subreddit]
+        return rows
+
+    def _candidates_for(self, act: str, subreddit: str | None):
+        key = (act, subreddit)
+        if key not in self._candidates:
+            rows = self._candidate_rows(act, subreddit)
+            ids = self._ids[rows]
+            dense_rows = None
+            if self._dense is not None:
+                lookup = self._dense.row
+                dense_rows = np.fromiter((lookup.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+                dense_rows = dense_rows[dense_rows >= 0]
+            self._candidates[key] = (rows, set(ids.tolist()), dense_rows)
+        return self._candidates[key]
+
+    def _load_engines(self) -> None:
+        if self._dense is None:
+            from index.bm25 import BM25Searcher
+            from index.dense import DenseSearcher
+
+            self._dense = DenseSearcher(self.root)
+            self._bm25 = BM25Searcher(self.root)
+            self._candidates.clear()
+
+    # ------------------------------------------------------------------ search
+
+    def ranked(self, act: str, text: str | None = None, k: int = 10,
+               subreddit: str | None = None) -> list[tuple[str, float]]:
+        """[(comment_id, score)] best first; score = confidence without TEXT, the fused score with it."""
+        if k < 1:
+            raise UserError("--k must be at least 1")
+        if not text or not text.strip():
+            rows = self._candidate_rows(act, subreddit)[:k]  # already sorted by confidence
+            return list(zip(self._ids[rows].tolist(), self._conf[rows].tolist()))
+        self._load_engines()
+        _, allowed, dense_rows = self._candidates_for(act, subreddit)
+        if not allowed:
+            return []
+        lexical = [(d, s) for d, s in self._bm25.search(text, k=self.bm25_depth) if d in allowed]
+        semantic = self._dense.search(text, k=max(k, self.dense_depth), allowed_rows=dense_rows)
+        return fuse([lexical, semantic], method=self.fusion, k=k, alpha=self.alpha)
+
+    def _turns(self, ids: list[str]) -> dict[str, dict]:
+        if self._bm25 is None:  # no engine loaded (a query without TEXT): read the store
+            return fetch_turns(self.store.con, ids)
+        # The Lucene documents store the reply and context as indexed: no SQL on the query path.
+        out = {}
+        for cid in ids:
+            raw = self._bm25.raw(cid)
+            out[cid] = {"subreddit": self._sub_of[cid], "reply": raw["contents"], "context": raw["context"]}
+        return out
+
+    def query(self, act: str, text: str | None = None, k: int = 10, subreddit: str | None = None) -> list[Hit]:
+        ranked = self.ranked(act, text, k, subreddit)
+        turns = self._turns([cid for cid, _ in ranked])
+        return [Hit(comment_id=cid, act=act, score=round(score, 6), confidence=round(self._conf_of[cid], 6),
+                    subreddit=turns[cid]["subreddit"], context=turns[cid]["context"], reply=turns[cid]["reply"])
+                for cid, score in ranked]
+
+
+def query(store_dir: str | Path, act: str, text: str | None = None, k: int = 10, subreddit: str | None = None,
+          fusion: str = "rrf", index_root: str | Path | None = None) -> list[dict]:
+    with ActSearcher(store_dir, index_root, fusion=fusion) as searcher:
+        return [hit.to_dict() for hit in searcher.query(act, text, k, subreddit)]
