@@ -28,6 +28,7 @@ import orjson
 import zstandard
 
 from ahf.console import UserError
+from mining.schema import base36
 
 NEUTRAL_SUBREDDIT = "threads"
 EPOCH = 1_400_000_000
@@ -47,16 +48,6 @@ def detokenize(text: str) -> str:
     text = re.sub(r"([(\[{$]) ", r"\1", text)
     text = re.sub(r"[ \t]*\n[ \t]*", "\n", text)
     return text.strip()
-
-
-def _base36(n: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        n, r = divmod(n, 36)
-        out = digits[r] + out
-        if n == 0:
-            return out
 
 
 @dataclass
@@ -110,10 +101,10 @@ def build_checkset(data_dir: str | Path, subreddit: str = NEUTRAL_SUBREDDIT, max
         story = detokenize(row["story"])
         if not story:
             raise UserError(f"{STORIES}: row {i + 2} (row_id {row['row_id']}) has an empty story")
-        pid = "wp" + _base36(int(row["row_id"]))
+        pid = "wp" + base36(int(row["row_id"]))
         t = EPOCH + 3_600 * i
         posts.append(_post(pid, detokenize(row["prompt"]), t, subreddit))
-        comments.append(_comment("ws" + _base36(int(row["row_id"])), pid, story, t, subreddit))
+        comments.append(_comment("ws" + base36(int(row["row_id"])), pid, story, t, subreddit))
         labels[comments[-1]["id"]] = "story"
 
     questions: dict[str, dict] = {}

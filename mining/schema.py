@@ -51,5 +51,16 @@ MUTABLE_POST_COLUMNS = ("title", "selftext", "author", "score", "over_18", "num_
                         "link_flair_text", "retrieved_utc")
 
 
+def base36(n: int) -> str:
+    """Reddit's id alphabet: 0 -> '0', 35 -> 'z', 36 -> '10' (for generated ids)."""
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if n == 0:
+            return out
+
+
 def duckdb_type(arrow_type: pa.DataType) -> str:
     return {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.bool_(): "BOOLEAN"}[arrow_type]

@@ -18,6 +18,8 @@ from pathlib import Path
 import orjson
 import zstandard
 
+from mining.schema import base36
+
 EPOCH = 1_600_000_000  # 2020-09-13, a fixed start so the corpus is the same on every machine
 
 _SUBJECTS = ["a lighthouse keeper", "the last librarian", "a retired astronaut", "two rival chefs",
@@ -52,16 +54,6 @@ class SyntheticSpec:
     posts: int = 120
     mean_top_level: float = 6.0
     seed: int = 7
-
-
-def _base36(n: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        n, r = divmod(n, 36)
-        out = digits[r] + out
-        if n == 0:
-            return out
 
 
 def _prose(rng: random.Random, sentences: int) -> str:
@@ -110,7 +102,7 @@ def generate(out_dir: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> dict
     for p in range(spec.posts):
         kind = kinds[p % len(kinds)]
         subreddit, title, selftext = _post(rng, kind)
-        post_id = _base36(36**5 + p)
+        post_id = base36(36**5 + p)
         created = EPOCH + p * 3_600 + rng.randint(0, 1_800)
         n_top = min(60, int(rng.lognormvariate(math.log(spec.mean_top_level), 0.8)))
         thread = []
@@ -119,7 +111,7 @@ def generate(out_dir: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> dict
             parent, parent_text, parent_time, depth, appeal = frontier.pop()
             n_children = n_top if depth == 1 else int(rng.random() < 0.55 / depth) + int(rng.random() < 0.2 / depth)
             for _ in range(n_children):
-                cid = _base36(next_comment)
+                cid = base36(next_comment)
                 next_comment += 1
                 delay = int(rng.expovariate(1 / (2_400 * depth)))
                 when = parent_time + 30 + delay
@@ -138,7 +130,7 @@ def generate(out_dir: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> dict
                 if depth < 8:
                     frontier.append((f"t1_{cid}", text, when, depth + 1, appeal * 0.5))
         if kind == "explanation":  # a moderator bot's sticky, which the turn filter drops
-            thread.append({"id": _base36(next_comment), "link_id": f"t3_{post_id}", "parent_id": f"t3_{post_id}",
+            thread.append({"id": base36(next_comment), "link_id": f"t3_{post_id}", "parent_id": f"t3_{post_id}",
                            "author": "AutoModerator", "body": "Please read the rules before replying.",
                            "score": 1, "created_utc": created + 5, "subreddit": subreddit, "stickied": True,
                            "distinguished": "moderator", "retrieved_on": created + 86_400 * 30, "_synthetic": True})
