@@ -180,14 +180,16 @@ def test_cli_export_json(funny, tmp_path, capsys):
 
 def test_reward_trainer_reads_the_pairs(funny, tmp_path, shared_data):
     import torch
-    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2TokenizerFast
+    from transformers import GPT2Config, GPT2ForSequenceClassification
     from trl import RewardConfig, RewardTrainer
+
+    from training.models import load_tokenizer
 
     export_dataset(funny, "pairs", tmp_path / "pairs")
     train = datasets.load_from_disk(str(tmp_path / "pairs" / "dataset"))["train"]
     gpt2 = shared_data / "tokenizer" / "gpt2"
-    tokenizer = GPT2TokenizerFast(vocab_file=str(gpt2 / "encoder.json"), merges_file=str(gpt2 / "vocab.bpe"))
-    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(str(gpt2))  # the real GPT-2 BPE (transformers 5 ignores `vocab_file=`)
+    assert len(tokenizer) == 50257
     torch.manual_seed(0)
     model = GPT2ForSequenceClassification(GPT2Config(
         n_layer=2, n_head=2, n_embd=32, vocab_size=len(tokenizer), num_labels=1,

@@ -1,0 +1,193 @@
+"""Backbones, tokenizers and the reward model, saved and loaded as safetensors (never pickles).
+
+A reward model is any Hugging Face backbone (`AutoModel`: a causal LM's trunk such as gpt2-xl, or an
+encoder such as all-MiniLM-L6-v2) plus a linear head. Causal backbones read the score at the last
+real token; encoders mean-pool. The tier-conditioned form uses a 3-way head (bad/ok/good) and scores
+with the expected tier.
+
+On disk (`DIR/`): `model.safetensors` (backbone + head), `ahf_model.json` (backbone config, head,
+pooling, provenance), and the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ahf.console import UserError
+
+MODEL_CARD = "ahf_model.json"
+WEIGHTS = "model.safetensors"
+
+
+def load_tokenizer(name_or_path: str):
+    """A directory holding GPT-2's `encoder.json` + `vocab.bpe` gives the real GPT-2 tokenizer offline."""
+    from transformers import AutoTokenizer, GPT2TokenizerFast
+
+    path = Path(name_or_path)
+    if (path / "encoder.json").exists() and (path / "vocab.bpe").exists():
+        # transformers 5 takes `vocab=`/`merges=` (it silently ignores the 4.x `vocab_file=` names and
+        # builds an empty vocabulary), so check the size rather than trust the call
+        tokenizer = GPT2TokenizerFast(vocab=str(path / "encoder.json"), merges=str(path / "vocab.bpe"))
+        if len(tokenizer) < 50000:
+            tokenizer = GPT2TokenizerFast(vocab_file=str(path / "encoder.json"), merges_file=str(path / "vocab.bpe"))
+        if len(tokenizer) < 50000:
+            raise UserError(f"{path}: GPT-2 tokenizer files gave only {len(tokenizer)} tokens")
+        tokenizer.model_max_length = 1 << 30  # lengths are the trainers' business (counted, never silent)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        except OSError as exc:
+            raise UserError(f"cannot load tokenizer {name_or_path!r}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def attention_implementation() -> str:
+    """flash-attention 2 when CUDA has it (varlen kernels for packed rows), else PyTorch SDPA."""
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def build_backbone(model: str, random_init: dict | None = None, causal_lm: bool = False,
+                   attn_implementation: str | None = None) -> nn.Module:
+    """`from_pretrained(model)`; or, with `random_init` (e.g. {model_type: gpt2, n_layer: 2}), a fresh model."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM if causal_lm else AutoModel
+    attn = attn_implementation or attention_implementation()
+    if random_init:
+        settings = dict(random_init)
+        model_type = settings.pop("model_type", "gpt2")
+        config = AutoConfig.for_model(model_type, **settings)
+        config._attn_implementation = attn
+        return cls.from_config(config, attn_implementation=attn)
+    try:
+        return cls.from_pretrained(model, attn_implementation=attn)
+    except (OSError, ValueError) as exc:
+        if attn != "sdpa":
+            return cls.from_pretrained(model, attn_implementation="sdpa")
+        raise UserError(f"cannot load model {model!r}: {exc}") from exc
+
+
+def is_causal(config) -> bool:
+    return bool(getattr(config, "is_decoder", False)) or config.model_type in {
+        "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "qwen2", "qwen3", "opt", "phi", "gemma", "olmo"}
+
+
+class RewardModel(nn.Module):
+    """Backbone + linear head. `forward` returns one score per row (pairwise) or tier logits (tier)."""
+
+    def __init__(self, backbone: nn.Module, head: str = "pairwise", pooling: str | None = None,
+                 base_model: str | None = None):
+        super().__init__()
+        if head not in {"pairwise", "tier"}:
+            raise UserError(f"unknown reward head {head!r} (pairwise or tier)")
+        self.backbone = backbone
+        self.head_kind = head
+        self.pooling = pooling or ("last" if is_causal(backbone.config) else "mean")
+        self.base_model = base_model
+        hidden = getattr(backbone.config, "hidden_size", None) or backbone.config.n_embd
+        self.head = nn.Linear(hidden, 1 if head == "pairwise" else 3)
+        nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+             score_index: torch.Tensor | None) -> torch.Tensor:
+        if score_index is not None:  # packed rows: the caller names the positions to read
+            return hidden.reshape(-1, hidden.shape[-1])[score_index]
+        if attention_mask is None:
+            return hidden[:, -1] if self.pooling == "last" else hidden.mean(1)
+        if self.pooling == "last":  # right padding: the last real token
+            last = attention_mask.long().sum(1) - 1
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, score_index=None):
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        pooled = self.pool(out.last_hidden_state, attention_mask if attention_mask is not None
+                           and attention_mask.dim() == 2 else None, score_index)
+        logits = self.head(pooled.to(self.head.weight.dtype))
+        return logits.squeeze(-1) if self.head_kind == "pairwise" else logits
+
+    @staticmethod
+    def score_from_logits(logits: torch.Tensor) -> torch.Tensor:
+        """A scalar reward from either head: the score itself, or the expected tier (0 = bad ... 2 = good)."""
+        if logits.dim() == 1:
+            return logits
+        return (logits.softmax(-1) * torch.arange(3, device=logits.device, dtype=logits.dtype)).sum(-1)
+
+    # ------------------------------------------------------------------ persistence
+    def card(self) -> dict[str, Any]:
+        return {"kind": "reward_model", "head": self.head_kind, "pooling": self.pooling,
+                "base_model": self.base_model, "backbone_config": self.backbone.config.to_dict()}
+
+    def save(self, directory: str | Path, tokenizer=None, extra: dict | None = None,
+             state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = state_dict if state_dict is not None else self.state_dict()
+        save_state(state, directory / WEIGHTS)
+        card = self.card() | (extra or {})
+        (directory / MODEL_CARD).write_text(json.dumps(card, indent=2, default=str))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(directory))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, attn_implementation: str | None = None) -> "RewardModel":
+        from transformers import AutoConfig, AutoModel
+
+        directory = Path(directory)
+        card = read_card(directory, "reward_model")
+        settings = dict(card["backbone_config"])
+        config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+        attn = attn_implementation or "sdpa"  # scoring uses padded batches: SDPA works on every device
+        backbone = AutoModel.from_config(config, attn_implementation=attn)
+        model = cls(backbone, head=card["head"], pooling=card["pooling"], base_model=card.get("base_model"))
+        missing, unexpected = model.load_state_dict(load_state(directory / WEIGHTS), strict=False)
+        missing = [k for k in missing if not k.endswith("attn.bias") and not k.endswith("masked_bias")]
+        if missing or unexpected:
+            raise UserError(f"{directory}: weights do not match the model card "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return model
+
+
+def read_card(directory: Path, kind: str) -> dict:
+    path = Path(directory) / MODEL_CARD
+    if not path.exists():
+        raise UserError(f"{directory}: not an ahf model directory (no {MODEL_CARD})")
+    card = json.loads(path.read_text())
+    if card.get("kind") != kind:
+        raise UserError(f"{directory}: is a {card.get('kind')!r}, expected a {kind!r}")
+    return card
+
+
+def save_state(state: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors refuses shared storage (GPT-2 ties wte and lm_head): store contiguous copies."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}, str(path))
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not Path(path).exists():
+        raise UserError(f"weights not found: {path}")
+    return load_file(str(path))

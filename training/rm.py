@@ -1,0 +1,406 @@
+"""Reward models on DeepSpeed: pairwise Bradley-Terry (optional margin) and the seed's tier-conditioned form.
+
+Pairwise: loss = -log sigmoid(r(prompt, chosen) - r(prompt, rejected) - margin), the margin column
+when present and `use_margin` is on (TRL's convention). Tier: prompt + completion -> good/ok/bad
+(cross-entropy); its scalar reward is the expected tier. Logged every `log_every` steps: loss,
+accuracy (chosen scored higher / tier correct), mean margin (r_chosen - r_rejected; for tiers the
+gap between the mean reward of good and bad rows in the batch).
+
+Output directory: `model.safetensors`, `ahf_model.json` (with the training config and final
+metrics), tokenizer files, `metrics.jsonl` (one line per logged step and per evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+
+from ahf.console import UserError
+from training import data as D
+from training.engine import full_state_dict, initialize, load_deepspeed_config
+from training.models import RewardModel, build_backbone, load_tokenizer
+from training.tokens import LengthPolicy, encode_prompt, encode_reply, first_fit, pack_rows, pad_rows
+
+
+class RMConfig(BaseModel):
+    model: str = "gpt2-xl"
+    tokenizer: str | None = None  # default: the model's own (a dir with encoder.json + vocab.bpe works)
+    random_init: dict | None = None  # e.g. {model_type: gpt2, n_layer: 2, n_embd: 64, n_head: 2}
+    objective: str = Field("pairwise", pattern="^(pairwise|tier)$")
+    use_margin: bool = True
+    detokenize: bool = False  # WritingPrompts' `<newline>` / `[ WP ]` text
+    max_length: int = 1024
+    max_prompt_length: int = 128
+    overlong: str = Field("truncate", pattern="^(truncate|drop)$")
+    eval_fraction: float = 0.2
+    eval_pairs: str | None = None  # a separate held-out file instead of a split
+    seed: int = 0
+    epochs: float = 1.0
+    max_steps: int | None = None
+    micro_batch_size: int = 4  # pairs per step (padded) ...
+    pack_tokens: int = 4096  # ... or tokens per packed row
+    packing: str = Field("auto", pattern="^(auto|none|varlen|shared_prompt)$")
+    grad_accum: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    deepspeed: str = "zero2"
+    bf16: bool | str = "auto"
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+    eval_batch_size: int = 16
+
+
+# ----------------------------------------------------------------------------- encoding
+
+def encode_pairs(pairs: list[D.Pair], tokenizer, policy: LengthPolicy) -> tuple[list[dict], D.FilterReport]:
+    report = D.FilterReport()
+    encoded = []
+    for pair in pairs:
+        prompt = encode_prompt(tokenizer, pair.prompt)
+        chosen, rejected = encode_reply(tokenizer, pair.chosen), encode_reply(tokenizer, pair.rejected)
+        if pair.rejected_prompt is None:
+            fitted = policy.fit(prompt, [chosen, rejected], report)
+            if fitted is None:
+                continue
+            prompt, (chosen, rejected) = fitted
+            rejected_prompt = prompt
+        else:  # the two replies answer different prompts: fit each on its own, count the pair once
+            side = D.FilterReport()
+            first = policy.fit(prompt, [chosen], side)
+            second = policy.fit(encode_prompt(tokenizer, pair.rejected_prompt), [rejected], side)
+            report.total += 1
+            report.truncated.update(side.truncated)
+            if first is None or second is None:
+                report.dropped.update(side.dropped)
+                continue
+            report.kept += 1
+            (prompt, (chosen,)), (rejected_prompt, (rejected,)) = first, second
+        encoded.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "rejected_prompt": rejected_prompt,
+                        "margin": pair.margin or 0.0, "pair": pair})
+    return encoded, report
+
+
+def encode_points(points: list[D.PointExample], tokenizer, policy: LengthPolicy) -> tuple[list[dict], D.FilterReport]:
+    report = D.FilterReport()
+    encoded = []
+    for point in points:
+        fitted = policy.fit(encode_prompt(tokenizer, point.prompt), [encode_reply(tokenizer, point.completion)], report)
+        if fitted is not None:
+            encoded.append({"ids": fitted[0] + fitted[1][0], "tier": point.tier})
+    return encoded, report
+
+
+def resolve_packing(packing: str, model: RewardModel) -> str:
+    """Packing needs a causal backbone that reads the score at a token; encoders stay padded."""
+    if packing == "auto":
+        return "shared_prompt" if torch.cuda.is_available() and model.pooling == "last" else "none"
+    # (train_reward_model downgrades auto's shared_prompt to varlen for pairs with a rejected_prompt)
+    if packing != "none" and model.pooling != "last":
+        raise UserError(f"packing={packing} needs a causal backbone (last-token pooling); this one mean-pools")
+    return packing
+
+
+def pair_batches(encoded: list[dict], packing: str, micro_batch_size: int, pack_tokens: int,
+                 pad_id: int, shuffle: random.Random | None) -> list:
+    """(Batch, margins) in training order; `batch.extras["pairs"]` = indices into `encoded`. Scores come
+    out as all chosen then all rejected, in that order."""
+    batches = []
+    if packing == "none":
+        order = list(range(len(encoded)))
+        if shuffle:
+            shuffle.shuffle(order)
+        for start in range(0, len(order), micro_batch_size):
+            chunk = [encoded[i] for i in order[start:start + micro_batch_size]]
+            rows = [e["prompt"] + e["chosen"] for e in chunk] + [e["rejected_prompt"] + e["rejected"] for e in chunk]
+            batch = pad_rows(rows, pad_id)
+            batch.extras["pairs"] = order[start:start + micro_batch_size]
+            batches.append((batch, torch.tensor([e["margin"] for e in chunk])))
+        return batches
+    shared = packing == "shared_prompt"
+    if shared and any(e["rejected_prompt"] is not e["prompt"] for e in encoded):
+        raise UserError("packing=shared_prompt needs chosen and rejected to share their prompt "
+                        "(these pairs have rejected_prompt); use packing=varlen")
+    lengths = [len(e["prompt"]) + len(e["chosen"]) + len(e["rejected"]) + (0 if shared else len(e["rejected_prompt"]))
+               for e in encoded]
+    bins = first_fit(lengths, pack_tokens)
+    if shuffle:
+        shuffle.shuffle(bins)
+    for members in bins:
+        chunk = [encoded[i] for i in members]
+        if shared:
+            batch = pack_rows([[e["prompt"], e["chosen"], e["rejected"]] for e in chunk], pad_id, True, True)
+            # scores come out chosen, rejected per pair: reorder to all chosen then all rejected
+            batch.score_index = torch.cat([batch.score_index[0::2], batch.score_index[1::2]])
+        else:
+            seqs = [[e["prompt"] + e["chosen"]] for e in chunk] + [[e["rejected_prompt"] + e["rejected"]] for e in chunk]
+            from training.models import attention_implementation
+            batch = pack_rows(seqs, pad_id, True, False,
+                              use_position_boundaries=attention_implementation() == "flash_attention_2")
+        batch.extras["pairs"] = members
+        batches.append((batch, torch.tensor([e["margin"] for e in chunk])))
+    return batches
+
+
+def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin.to(diff)
+    return -F.logsigmoid(diff).mean()
+
+
+# ----------------------------------------------------------------------------- scoring / eval
+
+@torch.no_grad()
+def score_pairs(model: RewardModel, tokenizer, pairs: list[D.Pair], max_length: int, max_prompt_length: int = 128,
+                batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor, D.FilterReport]:
+    """Scalar rewards for chosen and rejected (padded batches; pairs too long are truncated and counted)."""
+    model.eval()
+    device = next(model.parameters()).device
+    encoded, report = encode_pairs(pairs, tokenizer, LengthPolicy(max_length, max_prompt_length, "truncate"))
+    chosen, rejected = [], []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    for batch, _ in pair_batches(encoded, "none", batch_size, 0, tokenizer.pad_token_id, None):
+        with autocast:
+            scores = RewardModel.score_from_logits(model(**batch.model_inputs(device)).float())
+        half = scores.shape[0] // 2
+        chosen.append(scores[:half].cpu())
+        rejected.append(scores[half:].cpu())
+    return torch.cat(chosen), torch.cat(rejected), report
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def length_baseline(pairs: list[D.Pair]) -> float:
+    """Accuracy of "the longer reply (in words) wins"; ties count half."""
+    wins = sum(1.0 if len(p.chosen.split()) > len(p.rejected.split()) else
+               0.5 if len(p.chosen.split()) == len(p.rejected.split()) else 0.0 for p in pairs)
+    return wins / len(pairs)
+
+
+def bucket_accuracy(pairs: list[D.Pair], correct: list[bool], buckets: int = 3) -> dict | None:
+    """Accuracy by margin (or score-ratio) tercile, when the file carries one."""
+    key = "margin" if all(p.margin is not None for p in pairs) else \
+        "score_ratio" if all(p.score_ratio is not None for p in pairs) else None
+    if key is None:
+        return None
+    values = [getattr(p, key) for p in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: values[i])
+    out = []
+    for b in range(buckets):
+        members = order[b * len(order) // buckets:(b + 1) * len(order) // buckets]
+        if members:
+            out.append({"range": [values[members[0]], values[members[-1]]], "n": len(members),
+                        "accuracy": sum(correct[i] for i in members) / len(members),
+                        "length_baseline": length_baseline([pairs[i] for i in members])})
+    return {"by": key, "buckets": out}
+
+
+def evaluate_pairs(model: RewardModel, tokenizer, pairs: list[D.Pair], max_length: int,
+                   max_prompt_length: int = 128, batch_size: int = 16) -> dict:
+    chosen, rejected, report = score_pairs(model, tokenizer, pairs, max_length, max_prompt_length, batch_size)
+    correct = (chosen > rejected).tolist()
+    result = {"pairs": len(pairs), "accuracy": sum(correct) / len(correct),
+              "length_baseline": length_baseline(pairs),
+              "mean_margin": float((chosen - rejected).mean()), "truncation": report.to_dict()}
+    buckets = bucket_accuracy(pairs, correct)
+    if buckets:
+        result["by_bucket"] = buckets
+    return result
+
+
+def evaluate_reward_model(model_dir: str | Path, pairs_path: str | Path, detokenize: bool | None = None,
+                          max_length: int | None = None, batch_size: int = 16) -> dict:
+    """`ahf eval rm`: accuracy of a saved reward model on a pairs file, next to the length baseline."""
+    card = json.loads((Path(model_dir) / "ahf_model.json").read_text()) if (Path(model_dir) / "ahf_model.json").exists() else {}
+    trained_with = card.get("train_config", {})
+    model = RewardModel.load(model_dir)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    tokenizer = load_tokenizer(str(model_dir))
+    detok = trained_with.get("detokenize", False) if detokenize is None else detokenize
+    pairs = D.load_pairs(pairs_path, detok=detok)
+    limit = max_length or trained_with.get("max_length") or 512
+    result = evaluate_pairs(model, tokenizer, pairs, limit, trained_with.get("max_prompt_length", 128), batch_size)
+    return {"model": str(model_dir), "pairs_file": str(pairs_path), **result}
+
+
+# ----------------------------------------------------------------------------- training
+
+def build_reward_model(config: RMConfig) -> tuple[RewardModel, object]:
+    # the 4-D masks of shared_prompt / padded-varlen layouts need SDPA; flash-attention 2 only for varlen
+    attn = None if config.packing == "varlen" else "sdpa"
+    backbone = build_backbone(config.model, config.random_init, attn_implementation=attn)
+    if config.gradient_checkpointing and hasattr(backbone, "gradient_checkpointing_enable"):
+        backbone.gradient_checkpointing_enable()
+    tokenizer = load_tokenizer(config.tokenizer or config.model)
+    model = RewardModel(backbone, head="pairwise" if config.objective == "pairwise" else "tier",
+                        base_model=None if config.random_init else config.model)
+    return model, tokenizer
+
+
+def train_reward_model(config: RMConfig, data_path: str | Path, out_dir: str | Path,
+                       progress: Callable[[int], None] | None = None,
+                       log: Callable[[dict], None] | None = None) -> dict:
+    """Train on `data_path` (pairs, or pointwise tiers for objective=tier), evaluate on held-out prompts."""
+    torch.manual_seed(config.seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = build_reward_model(config)
+    policy = LengthPolicy(config.max_length, config.max_prompt_length, config.overlong)
+
+    if config.objective == "pairwise":
+        examples = D.load_pairs(data_path, detok=config.detokenize)
+    else:
+        examples = D.load_pointwise(data_path, detok=config.detokenize)
+    if config.eval_pairs:
+        train_rows, eval_rows = examples, D.load_pairs(config.eval_pairs, detok=config.detokenize)
+    else:
+        train_rows, eval_rows = D.split_by_prompt(examples, config.eval_fraction, config.seed)
+    if config.objective == "pairwise":
+        encoded, filtering = encode_pairs(train_rows, tokenizer, policy)
+    else:
+        encoded, filtering = encode_points(train_rows, tokenizer, policy)
+    if not encoded:
+        raise UserError(f"{data_path}: no training rows left after length filtering {filtering.to_dict()}")
+    packing = resolve_packing(config.packing, model) if config.objective == "pairwise" else "none"
+    if packing == "shared_prompt" and config.packing == "auto" and any(
+            e["rejected_prompt"] is not e["prompt"] for e in encoded):
+        packing = "varlen"
+
+    rng = random.Random(config.seed)
+    make_batches = (lambda: pair_batches(encoded, packing, config.micro_batch_size, config.pack_tokens,
+                                         tokenizer.pad_token_id, rng)) if config.objective == "pairwise" else \
+        (lambda: _tier_batches(encoded, config.micro_batch_size, tokenizer.pad_token_id, rng))
+    per_epoch = len(make_batches())
+    total_micro = config.max_steps * config.grad_accum if config.max_steps else math.ceil(per_epoch * config.epochs)
+    total_steps = max(1, total_micro // config.grad_accum)
+    ds_config = load_deepspeed_config(config.deepspeed, micro_batch_size=config.micro_batch_size,
+                                      grad_accum=config.grad_accum, lr=config.lr, weight_decay=config.weight_decay,
+                                      warmup_steps=int(config.warmup_ratio * total_steps), total_steps=total_steps,
+                                      bf16=config.bf16)
+    engine, _, _ = initialize(model, ds_config)
+    device = engine.device
+
+    metrics_file = (out_dir / "metrics.jsonl").open("w")
+    history, window = [], []
+    started = time.perf_counter()
+    real_tokens = 0
+    micro = 0
+    engine.train()
+    while micro < total_micro:
+        for batch, margins in make_batches():
+            if micro >= total_micro:
+                break
+            logits = engine(**batch.model_inputs(device)).float()
+            if config.objective == "pairwise":
+                half = logits.shape[0] // 2
+                chosen, rejected = logits[:half], logits[half:]
+                loss = bt_loss(chosen, rejected, margins if config.use_margin else None)
+                stats = {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
+                         "mean_margin": (chosen - rejected).mean().item()}
+            else:
+                loss = F.cross_entropy(logits, margins.to(device))
+                stats = _tier_stats(loss, logits, margins.to(device))
+            engine.backward(loss)
+            engine.step()
+            micro += 1
+            real_tokens += batch.real_tokens
+            window.append(stats)
+            if progress:
+                progress(1)
+            if micro % (config.log_every * config.grad_accum) == 0 or micro == total_micro:
+                entry = {"step": micro // config.grad_accum, "micro_step": micro,
+                         **{k: sum(w[k] for w in window) / len(window) for k in window[0]},
+                         "lr": engine.get_lr()[0] if hasattr(engine, "get_lr") else config.lr,
+                         "real_tokens_per_s": real_tokens / (time.perf_counter() - started)}
+                window = []
+                history.append(entry)
+                metrics_file.write(json.dumps(entry) + "\n")
+                metrics_file.flush()
+                if log:
+                    log(entry)
+    train_seconds = time.perf_counter() - started
+
+    state = full_state_dict(engine.module, engine)
+    model.save(out_dir, tokenizer, extra={"train_config": config.model_dump()}, state_dict=state)
+    del engine
+    # evaluate the saved model: the same weights `ahf eval rm` will read
+    final = RewardModel.load(out_dir, attn_implementation="sdpa").to(device)
+
+    result = {"train_rows": len(train_rows), "train_used": len(encoded), "eval_rows": len(eval_rows),
+              "train_prompts": len({r.prompt for r in train_rows}), "eval_prompts": len({r.prompt for r in eval_rows}),
+              "length_filter": filtering.to_dict(), "packing": packing, "steps": total_steps,
+              "micro_steps": micro, "train_seconds": round(train_seconds, 2),
+              "real_tokens_per_s": round(real_tokens / train_seconds, 1), "history": history,
+              "deepspeed": {"config": config.deepspeed, "zero_stage": ds_config.get("zero_optimization", {}).get("stage"),
+                            "bf16": ds_config.get("bf16", {}).get("enabled", False)}}
+    if eval_rows:
+        eval_pairs = eval_rows if config.objective == "pairwise" else _tier_pairs(eval_rows)
+        if eval_pairs:
+            result["eval"] = evaluate_pairs(final, tokenizer, eval_pairs, config.max_length, config.max_prompt_length,
+                                            config.eval_batch_size)
+        if config.objective == "tier":
+            result["eval_tier_accuracy"] = _tier_accuracy(final, tokenizer, eval_rows, policy, config.eval_batch_size)
+        metrics_file.write(json.dumps({"eval": {k: v for k, v in result.items() if k.startswith("eval")}}) + "\n")
+    metrics_file.close()
+    card_path = out_dir / "ahf_model.json"
+    card = json.loads(card_path.read_text())
+    card["train_result"] = {k: v for k, v in result.items() if k != "history"}
+    card_path.write_text(json.dumps(card, indent=2, default=str))
+    result["out_dir"] = str(out_dir)
+    return result
+
+
+def _tier_batches(encoded: list[dict], size: int, pad_id: int, rng: random.Random) -> list:
+    order = list(range(len(encoded)))
+    rng.shuffle(order)
+    out = []
+    for start in range(0, len(order), size):
+        chunk = [encoded[i] for i in order[start:start + size]]
+        out.append((pad_rows([e["ids"] for e in chunk], pad_id), torch.tensor([e["tier"] for e in chunk])))
+    return out
+
+
+def _tier_stats(loss, logits, tiers) -> dict:
+    reward = RewardModel.score_from_logits(logits.detach())
+    good, bad = reward[tiers == 2], reward[tiers == 0]
+    gap = (good.mean() - bad.mean()).item() if len(good) and len(bad) else 0.0
+    return {"loss": loss.item(), "accuracy": (logits.argmax(-1) == tiers).float().mean().item(), "mean_margin": gap}
+
+
+def _tier_pairs(points: list[D.PointExample]) -> list[D.Pair]:
+    """Held-out pairs from tiers: a better-tier and a worse-tier completion of the same prompt."""
+    by_prompt: dict[str, list[D.PointExample]] = {}
+    for p in points:
+        by_prompt.setdefault(p.prompt, []).append(p)
+    return [D.Pair(prompt, a.completion, b.completion) for prompt, group in by_prompt.items()
+            for a in group for b in group if a.tier > b.tier]
+
+
+@torch.no_grad()
+def _tier_accuracy(model: RewardModel, tokenizer, points, policy: LengthPolicy, batch_size: int) -> float:
+    encoded, _ = encode_points(points, tokenizer, LengthPolicy(policy.max_length, policy.max_prompt_length, "truncate"))
+    device = next(model.parameters()).device
+    model.eval()
+    hits = 0
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        batch = pad_rows([e["ids"] for e in chunk], tokenizer.pad_token_id)
+        predicted = model(**batch.model_inputs(device)).argmax(-1).cpu()
+        hits += int((predicted == torch.tensor([e["tier"] for e in chunk])).sum())
+    return hits / max(1, len(encoded))
