@@ -8,6 +8,9 @@ nothing already in the store is lost.
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -103,10 +106,16 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
 
 
 class _Batcher:
-    """Collects rows and commits them to the store every `batch_rows` rows."""
+    """Collects rows and commits them to the store every `batch_rows` rows.
 
-    def __init__(self, store: Store, batch_rows: int):
+    With `background=True` the commits run in a writer thread (DuckDB releases the GIL), so that
+    parsing the next batch overlaps writing this one; at most one batch is being written while the
+    next one fills, which keeps memory at two batches whatever the input size.
+    """
+
+    def __init__(self, store: Store, batch_rows: int, background: bool = False):
         self.store, self.batch_rows, self.rows = store, batch_rows, RowBuffer()
+        self._writer = _Writer(store) if background else None
 
     def maybe_flush(self) -> None:
         if len(self.rows) >= self.batch_rows:
@@ -114,7 +123,64 @@ class _Batcher:
 
     def flush(self) -> None:
         if len(self.rows):
-            self.store.upsert(*self.rows.take())
+            if self._writer:
+                self._writer.submit(*self.rows.take())
+            else:
+                self.store.upsert(*self.rows.take())
+
+    def close(self) -> None:
+        """Commit what is left and wait for the writer; re-raises a failed write."""
+        try:
+            self.flush()
+        finally:
+            if self._writer:
+                self._writer.close()
+
+    def abandon(self) -> None:
+        """On an unexpected error: let the batch being written finish, drop the rows not yet sent."""
+        if self._writer:
+            self._writer.close(raise_error=False)
+
+
+class _Writer:
+    """A thread that upserts the batches handed to it, one at a time, in order."""
+
+    def __init__(self, store: Store):
+        self._store = store
+        self._batches: queue.Queue = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            batch = self._batches.get()
+            try:
+                if batch is None:
+                    return
+                if self._error is None:  # after a failure, drop the rest: the caller re-raises
+                    self._store.upsert(*batch)
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                batch = None  # free the rows before waiting for the next batch
+                self._batches.task_done()
+
+    def submit(self, comments, posts) -> None:
+        self._batches.join()  # the previous batch is committed (or failed)
+        self._raise()
+        self._batches.put((comments, posts))
+
+    def close(self, raise_error: bool = True) -> None:
+        self._batches.put(None)
+        self._thread.join()
+        if raise_error:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def _ingest_lines(block: LineBlock, report: FileReport, rows: RowBuffer, name: str,
@@ -155,7 +221,7 @@ def ingest_file(store: Store, path: Path, batch_rows: int = DEFAULT_BATCH_ROWS,
                 on_bytes: Callable[[int], None] | None = None,
                 retrieved_default: int | None = None) -> FileReport:
     report = FileReport(str(path), bytes=path.stat().st_size)
-    batcher = _Batcher(store, batch_rows)
+    batcher = _Batcher(store, batch_rows, background=True)
     try:
         for item in read_items(path):
             if isinstance(item, LineBlock):
@@ -166,8 +232,11 @@ def ingest_file(store: Store, path: Path, batch_rows: int = DEFAULT_BATCH_ROWS,
                 _ingest_document(item, report, batcher, str(path), retrieved_default)
             batcher.maybe_flush()
     except InputError as exc:
-        report.error = str(exc)
-    batcher.flush()
+        report.error = str(exc)  # the records read before the damage are still committed
+    except BaseException:
+        batcher.abandon()
+        raise
+    batcher.close()
     return report
 
 
@@ -188,7 +257,7 @@ def ingest_records(store: Store, records: Iterator[tuple[str, dict | str]], sour
         report.records_read += 1
         _add_record(record, f"{source}:{where}", report, batcher.rows, retrieved_default)
         batcher.maybe_flush()
-    batcher.flush()
+    batcher.close()
     return report
 
 
@@ -199,11 +268,29 @@ def ingest(paths: Iterable[str | Path], store_dir: str | Path, batch_rows: int =
     started = time.perf_counter()
     report = IngestReport()
     with Store(store_dir) as store:
+        _prepare_bulk_load(store)
         for path in files:
             report.files.append(ingest_file(store, path, batch_rows, on_bytes=progress))
+        store.con.execute("RESET threads")  # the summary queries below are DuckDB's alone
         report.store = summary_counts(store)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _prepare_bulk_load(store: Store) -> None:
+    # On a terminal DuckDB draws its own progress bar for long statements, into our output.
+    store.con.execute("SET enable_progress_bar = false")
+    # The ingest is already a pipeline (decompress thread, Arrow parse threads, writer thread):
+    # DuckDB's own threads compete with it for the cores. On 2 cores one DuckDB thread inserted a
+    # 250k-row batch with ~35 % less CPU than two (docs/bench/ingest.md).
+    store.con.execute(f"SET threads = {max(1, _cores() // 2)}")
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def summary_counts(store: Store) -> dict[str, int]:

@@ -11,8 +11,8 @@ Two paths give identical rows:
 
 from __future__ import annotations
 
-import io
 import math
+import re
 from typing import Any
 
 import pyarrow as pa
@@ -23,6 +23,7 @@ from mining.schema import COMMENT_SCHEMA, POST_SCHEMA
 
 COMMENT, POST = "comment", "post"
 _RETRIEVAL_FIELDS = ("retrieved_on", "retrieved_utc")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # the store's BIGINT
 
 
 class SkipRecord(Exception):
@@ -91,6 +92,8 @@ def _int(record: dict, key: str, required: bool = False) -> int | None:
     if isinstance(value, bool):
         raise SkipRecord(f"bad_type:{key}")
     if isinstance(value, int):
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise SkipRecord(f"bad_value:{key}")
         return value
     try:
         number = float(value)  # float or numeric string ("1134365188", "1.5e9")
@@ -98,7 +101,10 @@ def _int(record: dict, key: str, required: bool = False) -> int | None:
         raise SkipRecord(f"bad_type:{key}") from None
     if not math.isfinite(number):
         raise SkipRecord(f"bad_type:{key}")
-    return math.floor(number)
+    whole = math.floor(number)
+    if not _INT64_MIN <= whole <= _INT64_MAX:
+        raise SkipRecord(f"bad_value:{key}")
+    return whole
 
 
 def _str(record: dict, key: str) -> str | None:
@@ -225,15 +231,25 @@ _PARSE_SCHEMA = pa.schema(
         ("_meta", pa.struct([("retrieved_2nd_on", pa.int64())])),
     ]
 )
+# a line whose first non-blank character does not open an object (`null`, a number, junk)
+_LINE_NOT_AN_OBJECT = re.compile(rb"\n[ \t\r]*[^{ \t\r\n]")
 _PARSE_OPTIONS = pajson.ParseOptions(explicit_schema=_PARSE_SCHEMA, unexpected_field_behavior="ignore")
 
 
 def normalize_block(block: bytes, expected_lines: int) -> tuple[pa.Table, pa.Table] | None:
-    """(comments, posts) for a block of complete NDJSON lines; None when it needs the slow path."""
+    """(comments, posts) for a block of complete NDJSON lines; None when it needs the slow path.
+
+    Arrow's reader is strict about types (a string where a number is expected fails the block),
+    so a block that parses and passes the checks below gives exactly `normalize_record`'s rows.
+    The checks are whole-column reductions; the common case (a block of only comments or only
+    posts) skips the filter that would copy every column.
+    """
+    if block.lstrip(b" \t\r")[:1] not in (b"{", b"\n") or _LINE_NOT_AN_OBJECT.search(block):
+        return None  # Arrow crashes (segfault) on a `null` line at the start of a parse chunk
     try:
         table = pajson.read_json(
-            io.BytesIO(block),
-            read_options=pajson.ReadOptions(use_threads=True, block_size=max(1 << 20, len(block) + 1)),
+            pa.BufferReader(block),
+            read_options=pajson.ReadOptions(use_threads=True, block_size=_parse_chunk_bytes(len(block))),
             parse_options=_PARSE_OPTIONS,
         )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
@@ -244,26 +260,43 @@ def normalize_block(block: bytes, expected_lines: int) -> tuple[pa.Table, pa.Tab
     created = table["created_utc"]
     if ids.null_count or created.null_count:
         return None
-    if not pc.all(pc.greater(pc.utf8_length(ids), 0)).as_py():
+    if pc.min(pc.binary_length(ids)).as_py() == 0:  # "" is no id (the slow path looks for `name`)
         return None
     if not pc.all(pc.is_finite(created)).as_py():
         return None
-    is_post = pc.is_valid(table["title"])
-    posts = table.filter(is_post)
-    comments = table.filter(pc.invert(is_post))
-    if comments.num_rows:
-        has_kind = pc.or_(pc.is_valid(comments["body"]), pc.is_valid(comments["parent_id"]))
-        if not pc.all(has_kind).as_py():
-            return None
-        for key in ("link_id", "parent_id"):
-            column = comments[key]
-            if column.null_count:
-                return None
-            prefix = pc.utf8_slice_codeunits(column, 0, 3)
-            allowed = ("t3_",) if key == "link_id" else ("t1_", "t3_")
-            if not pc.all(pc.is_in(prefix, pa.array(allowed))).as_py():
-                return None
-    return _select(comments, COMMENT_SCHEMA), _select(posts, POST_SCHEMA)
+    n_posts = table.num_rows - table["title"].null_count
+    if n_posts == 0:
+        comments, posts = table, None
+    elif n_posts == table.num_rows:
+        comments, posts = None, table
+    else:
+        is_post = pc.is_valid(table["title"])
+        comments, posts = table.filter(pc.invert(is_post)), table.filter(is_post)
+    if comments is not None and not _clean_comment_ids(comments):
+        return None
+    try:
+        return _select(comments, COMMENT_SCHEMA), _select(posts, POST_SCHEMA)
+    except pa.ArrowInvalid:  # a created_utc beyond BIGINT: the slow path names it
+        return None
+
+
+def _parse_chunk_bytes(size: int) -> int:
+    # Arrow parses chunks of one block in parallel: two chunks keep both cores of a small machine
+    # busy while the store writes the previous batch; chunks stay large so few records straddle.
+    return max(1 << 20, size // 2 + 1)
+
+
+def _clean_comment_ids(comments: pa.Table) -> bool:
+    """Every comment has a `t3_` link_id and a `t1_`/`t3_` parent_id (what `_fullname` accepts as is).
+
+    A non-null parent_id also makes every row a comment for `record_kind`, so no body check is needed.
+    """
+    link, parent = comments["link_id"], comments["parent_id"]
+    if link.null_count or parent.null_count:
+        return False
+    if not pc.all(pc.starts_with(link, "t3_")).as_py():
+        return False
+    return pc.all(pc.or_(pc.starts_with(parent, "t1_"), pc.starts_with(parent, "t3_"))).as_py()
 
 
 def _retrieved_column(table: pa.Table) -> pa.ChunkedArray:
@@ -271,8 +304,8 @@ def _retrieved_column(table: pa.Table) -> pa.ChunkedArray:
     return pc.max_element_wise(table["retrieved_on"], table["retrieved_utc"], second, skip_nulls=True)
 
 
-def _select(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    if table.num_rows == 0:
+def _select(table: pa.Table | None, schema: pa.Schema) -> pa.Table:
+    if table is None or table.num_rows == 0:
         return schema.empty_table()
     columns = []
     for name in schema.names:

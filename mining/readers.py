@@ -2,9 +2,12 @@
 
 Compression is recognised by magic bytes, not by file name: zstd (any window up to 2 GiB, as the
 Pushshift / Arctic Shift dumps use), gzip, bz2, xz, or none. After decompression the content is
-either NDJSON (one record per line; streamed in blocks, memory flat in the file size) or one JSON
-document: a Reddit API response (`/comments/<id>.json`, a listing, `/api/morechildren`), a
-BigQuery-style array of records, or a recorded API cassette (`{"interactions": [...]}`).
+either NDJSON (one record per line; streamed in blocks) or one JSON document: a Reddit API
+response (`/comments/<id>.json`, a listing, `/api/morechildren`), a BigQuery-style array of
+records, or a recorded API cassette (`{"interactions": [...]}`).
+
+Streaming keeps memory flat in the file size, apart from the zstd decoder's window: a frame
+written with a 2 GiB window needs a buffer of min(2 GiB, decompressed size), as `zstd -d` does.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from typing import IO, Any
 import orjson
 import zstandard
 
-BLOCK_BYTES = 8 << 20
+BLOCK_BYTES = 16 << 20  # decompressed bytes per block handed to the parser
+_COMPRESSED_READ_MAX = 1 << 20
+_DECODED_PER_CALL_MAX = 4 << 20
+_QUEUE_BLOCKS = 2  # blocks decompressed ahead of the parser: bounds memory
 ZSTD_MAX_WINDOW = 2**31
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -62,43 +68,66 @@ def compression_of(path: Path) -> str:
 
 
 class _ZstdStream:
-    """python-zstandard stream that raises on a truncated final frame instead of ending quietly."""
+    """python-zstandard stream that raises on a truncated final frame instead of ending quietly.
+
+    `read` returns at least `size` bytes (more when one compressed chunk expands past it) so that
+    the decompressed output is copied once, into the joined result, and never re-buffered.
+    """
 
     def __init__(self, path: Path):
         self._raw = open(path, "rb")
         self._decompressor = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
         self._obj = self._decompressor.decompressobj()
+        self._frame_open = False  # the current frame has input but has not ended yet
+        self._read_size: int | None = None  # compressed bytes per decompress call, adapted
         self._path = path
         self._done = False
+        self._error: InputError | None = None
 
     def read(self, size: int) -> bytes:
-        out = bytearray()
-        while len(out) < size and not self._done:
-            chunk = self._raw.read(1 << 20)
+        if self._error:
+            raise self._error
+        parts: list[bytes] = []
+        have = 0
+        if self._read_size is None:
+            self._read_size = max(4096, min(64 << 10, size // 16))
+        while have < size and not self._done:
+            chunk = self._raw.read(self._read_size)
             if not chunk:
-                if not self._obj.eof:
-                    raise InputError(f"{self._path}: truncated zstd stream at byte {self._raw.tell()}")
+                if self._frame_open:
+                    error = InputError(f"{self._path}: truncated zstd stream at byte {self._raw.tell()}")
+                    if not parts:
+                        raise error
+                    self._error = error  # hand out what was decoded first; raise on the next read
                 self._done = True
                 break
+            out = self._feed(chunk)
+            if out:
+                parts.append(out)
+                have += len(out)
+            # decompressobj has no output limit: keep each call's output near 1-4 MiB (a quarter
+            # of a small block) by feeding less input when the data compresses well
+            target = min(_DECODED_PER_CALL_MAX, max(size // 4, 4096))
+            if len(out) > target and self._read_size > 4096:
+                self._read_size //= 2
+            elif len(out) < target // 4 and self._read_size < _COMPRESSED_READ_MAX:
+                self._read_size *= 2
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _feed(self, data: bytes) -> bytes:
+        outputs = []
+        while data:
             try:
-                out += self._obj.decompress(chunk)
+                outputs.append(self._obj.decompress(data))
             except zstandard.ZstdError as exc:
                 raise InputError(f"{self._path}: corrupt zstd data near byte {self._raw.tell()}: {exc}") from exc
-            if self._obj.eof:
-                # concatenated frames: start a new decompressor on what follows
-                rest = self._obj.unused_data
-                self._obj = self._decompressor.decompressobj()
-                if rest:
-                    out += self._obj.decompress(rest)
-                elif not self._peek_more():
-                    self._done = True
-        return bytes(out)
-
-    def _peek_more(self) -> bool:
-        position = self._raw.tell()
-        more = bool(self._raw.read(1))
-        self._raw.seek(position)
-        return more
+            self._frame_open = not self._obj.eof
+            if self._frame_open:
+                break
+            # a frame ended: concatenated frames go on in a fresh decompressor
+            data = self._obj.unused_data
+            self._obj = self._decompressor.decompressobj()
+        return outputs[0] if len(outputs) == 1 else b"".join(outputs)
 
     def close(self) -> None:
         self._raw.close()
@@ -126,67 +155,118 @@ def _read(stream, size: int, path: Path) -> bytes:
         raise InputError(f"{path}: compressed stream ended early or is corrupt: {exc}") from exc
 
 
-def _prefetched(path: Path, block_bytes: int) -> Iterator[bytes]:
-    """Decompress in a background thread (the codecs release the GIL) so parsing overlaps it."""
-    chunks: queue.Queue = queue.Queue(maxsize=3)
+def _items(path: Path, block_bytes: int) -> Iterator[LineBlock | bytes]:
+    """Decompress and cut into blocks of whole lines; runs in the background thread.
+
+    A whole JSON document is handed out as its raw bytes (parsed by the consumer). Each block is
+    copied once: the tail of the previous chunk, the chunks in between, and the head of the last
+    chunk up to its last newline are joined into one bytes object.
+    """
+    stream = open_decompressed(path)
+    try:
+        chunk = _read(stream, block_bytes, path)
+        head = chunk
+        while head and not head.lstrip():  # leading whitespace only: look further
+            chunk = _read(stream, block_bytes, path)
+            head += chunk
+            if not chunk:
+                break
+        start = head.lstrip()[:1]
+        if start == b"[" or (start == b"{" and _is_document(head)):
+            rest = []
+            while chunk:
+                chunk = _read(stream, block_bytes, path)
+                rest.append(chunk)
+            yield b"".join([head, *rest])
+            return
+        pending: list[bytes] = [head] if head else []
+        pending_bytes = len(head)
+        first_line = 1
+        while pending:
+            if pending_bytes >= block_bytes or not chunk:
+                block, tail = _cut_lines(pending, final=not chunk)
+                if block:
+                    n_lines = block.count(b"\n")
+                    yield LineBlock(first_line, block, n_lines)
+                    first_line += n_lines
+                pending = [tail] if tail else []
+                pending_bytes = len(tail)
+                if not chunk:
+                    break
+            try:
+                chunk = _read(stream, block_bytes, path)
+            except InputError:
+                block, _ = _cut_lines(pending, final=False)  # the whole lines before the damage
+                if block:
+                    yield LineBlock(first_line, block, block.count(b"\n"))
+                raise
+            if chunk:
+                pending.append(chunk)
+                pending_bytes += len(chunk)
+    finally:
+        stream.close()
+
+
+def _cut_lines(parts: list[bytes], final: bool) -> tuple[bytes, bytes]:
+    """Split buffered parts into (complete lines, the unfinished last line)."""
+    for i in range(len(parts) - 1, -1, -1):
+        cut = parts[i].rfind(b"\n") + 1
+        if cut:
+            if cut == len(parts[i]):
+                block = parts[0] if i == 0 else b"".join(parts[: i + 1])
+            else:
+                block = b"".join([*parts[:i], memoryview(parts[i])[:cut]])
+            tail = b"".join([parts[i][cut:], *parts[i + 1 :]])
+            break
+    else:
+        block, tail = b"", b"".join(parts)
+    if final and tail.strip():
+        block, tail = block + tail + b"\n", b""  # a last line without its newline
+    return block, tail
+
+
+def _prefetched(path: Path, block_bytes: int) -> Iterator[LineBlock | bytes]:
+    """Decompress and cut lines in a background thread (the codecs release the GIL) so parsing overlaps it."""
+    items: queue.Queue = queue.Queue(maxsize=_QUEUE_BLOCKS)
     stop = threading.Event()
+    done = object()
 
     def produce() -> None:
-        stream = open_decompressed(path)
         try:
-            while not stop.is_set():
-                data = _read(stream, block_bytes, path)
-                chunks.put(data)
-                if not data:
+            for item in _items(path, block_bytes):
+                if stop.is_set():
                     return
+                items.put(item)
+            items.put(done)
         except BaseException as exc:  # handed to the consumer, which re-raises it
-            chunks.put(exc)
-        finally:
-            stream.close()
+            items.put(exc)
 
     worker = threading.Thread(target=produce, name=f"decompress:{path.name}", daemon=True)
     worker.start()
     try:
         while True:
-            item = chunks.get()
+            item = items.get()
+            if item is done:
+                return
             if isinstance(item, BaseException):
                 raise item
-            if not item:
-                return
             yield item
     finally:
         stop.set()
         while worker.is_alive():  # unblock a producer waiting on a full queue
             try:
-                chunks.get_nowait()
+                items.get_nowait()
             except queue.Empty:
                 worker.join(0.05)
 
 
 def read_items(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[LineBlock | Document]:
     """Yield the file's content as NDJSON line blocks, or as one Document."""
-    chunks = _prefetched(path, block_bytes)
-    pending = b""
-    first_line = 1
-    looked = False
-    for chunk in chunks:
-        pending += chunk
-        if not looked:
-            start = pending.lstrip()[:1]
-            if not start:
-                continue
-            looked = True
-            if start == b"[" or (start == b"{" and _is_document(pending)):
-                yield Document(_load_document(pending + b"".join(chunks), path))
-                return
-        cut = pending.rfind(b"\n") + 1
-        if cut:
-            block, pending = pending[:cut], pending[cut:]
-            n_lines = block.count(b"\n")
-            yield LineBlock(first_line, block, n_lines)
-            first_line += n_lines
-    if pending.strip():
-        yield LineBlock(first_line, pending + b"\n", 1)
+    for item in _prefetched(path, block_bytes):
+        if isinstance(item, LineBlock):
+            yield item
+        else:
+            yield Document(_load_document(item, path))
 
 
 def _is_document(head: bytes) -> bool:
