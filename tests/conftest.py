@@ -22,3 +22,17 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         raise RuntimeError(f"the real data folder is missing: {SHARED_DATA} (set AHF_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_extensions_dir(tmp_path_factory):
+    # DeepSpeed JIT-compiles ops into this folder; keep it per test session, not in the home dir
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.mktemp("torch_extensions")))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(shared_data):
+    """The real GPT-2 BPE tokenizer from the shared files (offline)."""
+    from training.models import load_tokenizer
+
+    return load_tokenizer(str(shared_data / "tokenizer" / "gpt2"))

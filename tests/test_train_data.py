@@ -9,13 +9,7 @@ import torch
 
 from ahf.console import UserError
 from training import data as D
-from training.models import load_tokenizer
 from training.tokens import LengthPolicy, block_mask, encode_prompt, encode_reply, first_fit
-
-
-@pytest.fixture(scope="module")
-def tokenizer(shared_data):
-    return load_tokenizer(str(shared_data / "tokenizer" / "gpt2"))
 
 
 def test_pairs_file_exact_counts_and_split_by_prompt(shared_data):

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
 
 from ahf.cli import main as ahf_main
-from training.models import RewardModel, build_backbone, load_tokenizer
+from training.models import RewardModel, build_backbone
 from training.policy import dpo_loss, reply_logprobs
 from training.tiny import TINY_GPT2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _extensions_dir(tmp_path_factory):
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.mktemp("torch_extensions")))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(shared_data):
-    return load_tokenizer(str(shared_data / "tokenizer" / "gpt2"))
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -11,20 +10,10 @@ import torch
 from ahf.cli import main as ahf_main
 from training import data as D
 from training.engine import full_state_dict, initialize, load_deepspeed_config
-from training.models import RewardModel, build_backbone, load_tokenizer
+from training.models import RewardModel, build_backbone
 from training.rm import bt_loss, encode_pairs, evaluate_reward_model, length_baseline, pair_batches
 from training.tiny import TINY_GPT2
 from training.tokens import LengthPolicy
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _extensions_dir(tmp_path_factory):
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.mktemp("torch_extensions")))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(shared_data):
-    return load_tokenizer(str(shared_data / "tokenizer" / "gpt2"))
 
 
 @pytest.fixture(scope="module")

@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
 from ahf.cli import main as ahf_main
 from training import data as D
-from training.models import build_backbone, load_tokenizer
+from training.models import build_backbone
 from training.sft import completion_loss, encode_sft, sft_batches
 from training.tiny import TINY_GPT2
 from training.tokens import encode_prompt, encode_reply
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _extensions_dir(tmp_path_factory):
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.mktemp("torch_extensions")))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(shared_data):
-    return load_tokenizer(str(shared_data / "tokenizer" / "gpt2"))
 
 
 @pytest.fixture(scope="module")

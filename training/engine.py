@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -145,6 +146,25 @@ def initialize(model: torch.nn.Module, ds_config: dict):
     params = [p for p in model.parameters() if p.requires_grad]
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
     return engine, optimizer, scheduler
+
+
+def start_engine(model: torch.nn.Module, config: Any, batches_per_epoch: int) -> tuple[Any, dict, int, int]:
+    """The schedule and DeepSpeed engine every trainer shares: (engine, ds_config, total_micro, total_steps).
+
+    `config` has the common training fields: max_steps, epochs, grad_accum, micro_batch_size, lr,
+    weight_decay, warmup_ratio, deepspeed, bf16.
+    """
+    if config.max_steps:
+        total_micro = config.max_steps * config.grad_accum
+    else:
+        total_micro = math.ceil(batches_per_epoch * config.epochs)
+    total_steps = max(1, total_micro // config.grad_accum)
+    ds_config = load_deepspeed_config(config.deepspeed, micro_batch_size=config.micro_batch_size,
+                                      grad_accum=config.grad_accum, lr=config.lr, weight_decay=config.weight_decay,
+                                      warmup_steps=int(config.warmup_ratio * total_steps), total_steps=total_steps,
+                                      bf16=config.bf16)
+    engine, _, _ = initialize(model, ds_config)
+    return engine, ds_config, total_micro, total_steps
 
 
 def zero_stage(engine) -> int:

@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 
 from ahf.console import UserError
 from training import data as D
-from training.engine import full_state_dict, gathered, initialize, load_deepspeed_config
+from training.engine import full_state_dict, gathered, start_engine
 from training.models import RewardModel, build_backbone, load_tokenizer
 from training.sft import save_causal_lm
 from training.tokens import LengthPolicy, encode_prompt, encode_reply, pad_rows
@@ -159,13 +159,7 @@ def train_policy(config: PolicyConfig, data_path: str | Path, out_dir: str | Pat
     train_rows, eval_rows = D.split_by_prompt(rows, config.eval_fraction, config.seed)
     rng = random.Random(config.seed)
     per_epoch = math.ceil(len(train_rows) / config.micro_batch_size)
-    total_micro = config.max_steps * config.grad_accum if config.max_steps else math.ceil(per_epoch * config.epochs)
-    total_steps = max(1, total_micro // config.grad_accum)
-    ds_config = load_deepspeed_config(config.deepspeed, micro_batch_size=config.micro_batch_size,
-                                      grad_accum=config.grad_accum, lr=config.lr, weight_decay=config.weight_decay,
-                                      warmup_steps=int(config.warmup_ratio * total_steps), total_steps=total_steps,
-                                      bf16=config.bf16)
-    engine, _, _ = initialize(policy, ds_config)
+    engine, ds_config, total_micro, total_steps = start_engine(policy, config, per_epoch)
     device = engine.device
     reference.to(device)
     if ds_config.get("bf16", {}).get("enabled"):

@@ -13,7 +13,6 @@ metrics), tokenizer files, `metrics.jsonl` (one line per logged step and per eva
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pydantic import BaseModel, Field
 
 from ahf.console import UserError
 from training import data as D
-from training.engine import full_state_dict, initialize, load_deepspeed_config
+from training.engine import full_state_dict, start_engine
 from training.models import RewardModel, build_backbone, load_tokenizer
 from training.tokens import LengthPolicy, encode_prompt, encode_reply, first_fit, pack_rows, pad_rows
 
@@ -287,13 +286,7 @@ def train_reward_model(config: RMConfig, data_path: str | Path, out_dir: str | P
                                          tokenizer.pad_token_id, rng)) if config.objective == "pairwise" else \
         (lambda: _tier_batches(encoded, config.micro_batch_size, tokenizer.pad_token_id, rng))
     per_epoch = len(make_batches())
-    total_micro = config.max_steps * config.grad_accum if config.max_steps else math.ceil(per_epoch * config.epochs)
-    total_steps = max(1, total_micro // config.grad_accum)
-    ds_config = load_deepspeed_config(config.deepspeed, micro_batch_size=config.micro_batch_size,
-                                      grad_accum=config.grad_accum, lr=config.lr, weight_decay=config.weight_decay,
-                                      warmup_steps=int(config.warmup_ratio * total_steps), total_steps=total_steps,
-                                      bf16=config.bf16)
-    engine, _, _ = initialize(model, ds_config)
+    engine, ds_config, total_micro, total_steps = start_engine(model, config, per_epoch)
     device = engine.device
 
     metrics_file = (out_dir / "metrics.jsonl").open("w")

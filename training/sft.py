@@ -13,7 +13,6 @@ config, tokenizer) with `samples.jsonl`: generations for a fixed set of held-out
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pydantic import BaseModel, Field
 
 from ahf.console import UserError
 from training import data as D
-from training.engine import full_state_dict, gathered, initialize, load_deepspeed_config
+from training.engine import full_state_dict, gathered, start_engine
 from training.models import attention_implementation, build_backbone, load_tokenizer, save_state
 from training.tokens import encode_prompt, encode_reply, first_fit, pack_rows, pad_rows
 
@@ -182,13 +181,7 @@ def train_sft(config: SFTConfig, data_path: str | Path, out_dir: str | Path,
     packing = config.packing if config.packing != "auto" else ("varlen" if torch.cuda.is_available() else "none")
     rng = random.Random(config.seed)
     per_epoch = len(sft_batches(encoded, packing, config.micro_batch_size, config.pack_tokens, tokenizer.pad_token_id, None))
-    total_micro = config.max_steps * config.grad_accum if config.max_steps else math.ceil(per_epoch * config.epochs)
-    total_steps = max(1, total_micro // config.grad_accum)
-    ds_config = load_deepspeed_config(config.deepspeed, micro_batch_size=config.micro_batch_size,
-                                      grad_accum=config.grad_accum, lr=config.lr, weight_decay=config.weight_decay,
-                                      warmup_steps=int(config.warmup_ratio * total_steps), total_steps=total_steps,
-                                      bf16=config.bf16)
-    engine, _, _ = initialize(model, ds_config)
+    engine, ds_config, total_micro, total_steps = start_engine(model, config, per_epoch)
     device = engine.device
     sample_prompts = sorted({r.prompt for r in eval_rows or train_rows})[: config.sample_prompts]
     eval_batches = sft_batches(eval_encoded, "none", config.micro_batch_size, 0, tokenizer.pad_token_id, None)
