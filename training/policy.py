@@ -24,43 +24,31 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from ahf.console import UserError
 from training import data as D
+from training.config import TrainCommon
 from training.engine import full_state_dict, gathered, start_engine
 from training.models import RewardModel, build_backbone, load_tokenizer
 from training.sft import save_causal_lm
 from training.tokens import LengthPolicy, encode_prompt, encode_reply, pad_rows
 
 
-class PolicyConfig(BaseModel):
+class PolicyConfig(TrainCommon):
+    """`ahf train policy` (configs/train/policy.yaml); `model` is the starting policy, e.g. an SFT output."""
+
     algorithm: str = Field("dpo", pattern="^(dpo|rloo)$")
-    model: str = "gpt2-xl"  # the starting policy (e.g. an `ahf train sft` output directory)
-    tokenizer: str | None = None
-    random_init: dict | None = None
-    detokenize: bool = False
-    max_length: int = 1024
     max_prompt_length: int = 128
-    eval_fraction: float = 0.2
-    seed: int = 0
-    epochs: float = 1.0
-    max_steps: int | None = None
     micro_batch_size: int = 2  # pairs (dpo) or prompts (rloo) per step
-    grad_accum: int = 1
     lr: float = 1e-6
-    weight_decay: float = 0.0
     warmup_ratio: float = 0.0
-    deepspeed: str = "zero2"
-    bf16: bool | str = "auto"
-    gradient_checkpointing: bool = False
     beta: float = 0.1  # dpo
     samples_per_prompt: int = 4  # rloo
     kl_coef: float = 0.05  # rloo
     max_new_tokens: int = 128
     temperature: float = 1.0
     eval_prompts: int = 8  # held-out prompts for the before/after report
-    log_every: int = 10
 
 
 def reply_logprobs(model, prompts: list[list[int]], replies: list[list[int]], pad_id: int, device) -> torch.Tensor:

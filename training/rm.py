@@ -20,41 +20,26 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from ahf.console import UserError
 from training import data as D
+from training.config import TrainCommon
 from training.engine import full_state_dict, start_engine
 from training.models import RewardModel, build_backbone, load_tokenizer
 from training.tokens import LengthPolicy, encode_prompt, encode_reply, first_fit, pack_rows, pad_rows
 
 
-class RMConfig(BaseModel):
-    model: str = "gpt2-xl"
-    tokenizer: str | None = None  # default: the model's own (a dir with encoder.json + vocab.bpe works)
-    random_init: dict | None = None  # e.g. {model_type: gpt2, n_layer: 2, n_embd: 64, n_head: 2}
+class RMConfig(TrainCommon):
+    """`ahf train rm` (configs/train/rm.yaml); `micro_batch_size` counts pairs per padded step."""
+
     objective: str = Field("pairwise", pattern="^(pairwise|tier)$")
     use_margin: bool = True
-    detokenize: bool = False  # WritingPrompts' `<newline>` / `[ WP ]` text
-    max_length: int = 1024
     max_prompt_length: int = 128
     overlong: str = Field("truncate", pattern="^(truncate|drop)$")
-    eval_fraction: float = 0.2
     eval_pairs: str | None = None  # a separate held-out file instead of a split
-    seed: int = 0
-    epochs: float = 1.0
-    max_steps: int | None = None
-    micro_batch_size: int = 4  # pairs per step (padded) ...
-    pack_tokens: int = 4096  # ... or tokens per packed row
+    pack_tokens: int = 4096  # tokens per packed row (packed layouts)
     packing: str = Field("auto", pattern="^(auto|none|varlen|shared_prompt)$")
-    grad_accum: int = 1
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    deepspeed: str = "zero2"
-    bf16: bool | str = "auto"
-    gradient_checkpointing: bool = False
-    log_every: int = 10
     eval_batch_size: int = 16
 
 

@@ -20,36 +20,23 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from ahf.console import UserError
 from training import data as D
+from training.config import TrainCommon
 from training.engine import full_state_dict, gathered, start_engine
 from training.models import attention_implementation, build_backbone, load_tokenizer, save_state
 from training.tokens import encode_prompt, encode_reply, first_fit, pack_rows, pad_rows
 
 
-class SFTConfig(BaseModel):
-    model: str = "gpt2-xl"
-    tokenizer: str | None = None
-    random_init: dict | None = None
-    detokenize: bool = False
-    max_length: int = 1024
+class SFTConfig(TrainCommon):
+    """`ahf train sft` (configs/train/sft.yaml)."""
+
     eval_fraction: float = 0.05
-    seed: int = 0
-    epochs: float = 1.0
-    max_steps: int | None = None
-    micro_batch_size: int = 4
     pack_tokens: int = 4096
     packing: str = Field("auto", pattern="^(auto|none|varlen)$")
-    grad_accum: int = 1
     lr: float = 2e-5
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    deepspeed: str = "zero2"
-    bf16: bool | str = "auto"
-    gradient_checkpointing: bool = False
-    log_every: int = 10
     save_every: int | None = None  # steps between checkpoints (None: only the final one)
     sample_prompts: int = 2
     sample_max_new_tokens: int = 64
