@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from ahf.console import UserError
 from feedback.sentiment import POSITIVE_THRESHOLD, Vader
-from mining.store import Store
+from mining.store import Store, transaction
 from mining.turns import DEFAULT_BOTS
 
 
@@ -435,18 +435,13 @@ def _finish(con, config: LabelConfig, report: LabelReport) -> None:
     con.execute(sql, {"q_lo": votes.tier_quantiles[0], "q_hi": votes.tier_quantiles[1],
                       "w_vote": reward.w_vote, "w_sentiment": reward.w_sentiment,
                       "missing": reward.missing_sentiment})
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute("DROP TABLE IF EXISTS labels; DROP TABLE IF EXISTS pairs")
         con.execute("ALTER TABLE labels_final RENAME TO labels")
         con.execute("CREATE TABLE pairs AS SELECT * FROM pairs_new ORDER BY post_id, rule, chosen_id, rejected_id")
         con.execute("INSERT INTO meta VALUES ('labels_config', $c) ON CONFLICT (key) DO UPDATE SET value = $c",
                     {"c": json.dumps(config.model_dump(mode="json"))})
         con.execute("DROP TABLE labels_new; DROP TABLE pairs_new; DROP TABLE sentiment_new")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     report.labelled = con.execute("SELECT count(*) FROM labels WHERE adjusted IS NOT NULL").fetchone()[0]
     report.tiers = dict(con.execute(
         "SELECT tier, count(*) FROM labels WHERE tier IS NOT NULL GROUP BY tier ORDER BY tier").fetchall())

@@ -212,19 +212,15 @@ def tag_acts(store_dir: str | Path, config: ActsConfig | None = None, index_root
 
 def write_acts(store_dir: str | Path, table: pa.Table) -> None:
     """Replace the `acts` table in one transaction (a failure keeps the previous one)."""
-    from mining.store import Store
+    from mining.store import Store, transaction
 
     with Store(store_dir, create=False) as store:
         con = store.con
         con.register("acts_batch", table)
-        con.execute("BEGIN TRANSACTION")
         try:
-            con.execute("DROP TABLE IF EXISTS acts")
-            con.execute("CREATE TABLE acts (comment_id VARCHAR PRIMARY KEY, act VARCHAR, confidence DOUBLE)")
-            con.execute("INSERT INTO acts SELECT comment_id, act, confidence FROM acts_batch")
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+            with transaction(con):
+                con.execute("DROP TABLE IF EXISTS acts")
+                con.execute("CREATE TABLE acts (comment_id VARCHAR PRIMARY KEY, act VARCHAR, confidence DOUBLE)")
+                con.execute("INSERT INTO acts SELECT comment_id, act, confidence FROM acts_batch")
         finally:
             con.unregister("acts_batch")

@@ -9,6 +9,8 @@ same rows as one clean run.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -27,6 +29,18 @@ from mining.schema import (
 
 DB_NAME = "ahf.duckdb"
 SCHEMA_VERSION = 1
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """All statements inside commit together, or none does (the previous tables stay)."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
 
 
 class StoreError(UserError):
@@ -133,14 +147,9 @@ class Store:
             self.con.register(view, rows)
             statements.append((view, sql))
         try:
-            self.con.execute("BEGIN TRANSACTION")
-            try:
+            with transaction(self.con):
                 for _, sql in statements:
                     self.con.execute(sql)
-                self.con.execute("COMMIT")
-            except BaseException:
-                self.con.execute("ROLLBACK")
-                raise
         finally:
             for view, _ in statements:
                 self.con.unregister(view)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from mining.store import Store
+from mining.store import Store, transaction
 
 DEFAULT_BOTS = ["AutoModerator", "RemindMeBot", "WikiTextBot", "sneakpeekbot", "RepostSleuthBot",
                 "TweetPoster", "autowikibot", "image_linker_bot", "SaveVideo", "B0tRank", "GifReversingBot"]
@@ -161,16 +161,11 @@ def build_turns(store_dir: str | Path, config: TurnConfig | None = None) -> Turn
     started = time.perf_counter()
     with Store(store_dir, create=False) as store:
         con = store.con
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             con.execute("DROP TABLE IF EXISTS turns_new")
             con.execute(_TURNS_SQL, _params(config))
             con.execute("DROP TABLE IF EXISTS turns")
             con.execute("ALTER TABLE turns_new RENAME TO turns")
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         reasons = dict(con.execute(_REASONS_SQL, _params(config)).fetchall())
         report = TurnReport(
             comments=store.count("comments"),
