@@ -11,7 +11,8 @@ large runs hit the embedding cache and encode only the unique texts. Reported, a
   indexing the same replies; dense build from a warm cache (turns/s); act tagging (turns/s);
 - per size: latency p50/p99 of `ActSearcher.query(act, TEXT, k=10)` (hybrid BM25 + dense,
   fused, with the store lookup of context and reply), of the act query without TEXT, and of a
-  bare pyserini `LuceneSearcher.search(k=10)` and bm25s `retrieve(k=10)` on the same queries.
+  bare pyserini `LuceneSearcher.search(k=10)` and bm25s `retrieve(k=10)` on the same queries;
+  then the hybrid query's two parts alone: the query encoding and our BM25 top 50.
 """
 
 from __future__ import annotations
@@ -172,6 +173,16 @@ def bench_size(base: Path, size: int, work: Path, cache: Path, queries: list[tup
             t4 = time.perf_counter()
             for name, dt in zip(samples, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 samples[name].append(dt)
+        # the hybrid query's two big parts, alone (they overlap in the query: encoder thread + Lucene)
+        for act, text in queries:
+            t0 = time.perf_counter()
+            searcher._dense.encode_query(text)
+            t1 = time.perf_counter()
+            searcher._bm25.search(text, k=searcher.bm25_depth)
+            t2 = time.perf_counter()
+            samples.setdefault("query_encoding", []).append(t1 - t0)
+            samples.setdefault("bm25_top50_ours", []).append(t2 - t1)
+        out["query_encoder_backend"] = searcher._dense.query_backend
     lucene.close()
     out["latency"] = {name: percentiles(v) for name, v in samples.items()}
     shutil.rmtree(store, ignore_errors=True)

@@ -107,14 +107,38 @@ def count_docs(index_dir: Path) -> int:
 
 
 class BM25Searcher:
-    """pyserini's LuceneSearcher over the live BM25 index of an index root."""
+    """BM25 over the live Lucene index of an index root.
 
-    def __init__(self, root: str | Path):
+    `search` on the reply field goes to Lucene's own `IndexSearcher` with the query pyserini would
+    build (Anserini's analyzer and bag-of-words generator, BM25 k1=0.9 b=0.4). pyserini's
+    `LuceneSearcher` sorts hits by (score, id string), which turns off Lucene's dynamic pruning
+    (block-max WAND skips documents that cannot enter the top k) and loads every hit's whole
+    stored document; ours reads each hit's `id` from its doc values. Same documents and scores as
+    pyserini's (tested); two differences, both about ties: equal scores come in index order, not
+    id order, and scores are Lucene's float32 as they are (Anserini rounds to 4 decimals and
+    spaces ties 1e-6 apart). Multi-field queries (`fields=`) and `batch_search` use pyserini.
+    """
+
+    def __init__(self, root: str | Path, threads: int = 2):
         ensure_jvm()
+        from jnius import autoclass
         from pyserini.search.lucene import LuceneSearcher
 
         self.dir = manifest.live_dir(root, "bm25")
         self.searcher = LuceneSearcher(str(self.dir))
+        self._reader = autoclass("io.anserini.index.IndexReaderUtils").getReader(str(self.dir))
+        # With `threads` > 1 a query searches its index segments (Lucene's slices) in parallel:
+        # same hits, and the long queries of the tail finish sooner on an otherwise idle core.
+        self._pool = autoclass("java.util.concurrent.Executors").newFixedThreadPool(threads) if threads > 1 else None
+        self._lucene = autoclass("org.apache.lucene.search.IndexSearcher")(self._reader, self._pool)
+        self._lucene.setSimilarity(autoclass("org.apache.lucene.search.similarities.BM25Similarity")(0.9, 0.4))
+        self._analyzer = autoclass("io.anserini.analysis.DefaultEnglishAnalyzer").newDefaultInstance()
+        self._generator = autoclass("io.anserini.search.query.BagOfWordsQueryGenerator")()
+        self._stored = self._reader.storedFields()
+        self._doc_values = autoclass("org.apache.lucene.index.MultiDocValues")
+        # Anserini writes `id` as binary doc values; an index from elsewhere may not have them
+        self._has_id_doc_values = self._doc_values.getBinaryValues(self._reader, "id") is not None
+        self._lucene_doc: dict[str, int] = {}  # comment id -> Lucene docid, for the last search's hits
 
     @property
     def num_docs(self) -> int:
@@ -125,11 +149,25 @@ class BM25Searcher:
         if not query.strip():
             return []
         k = max(1, min(k, self.num_docs))
-        hits = self.searcher.search(query, k=k, fields=fields or {})
-        return [(h.docid, float(h.score)) for h in hits]
+        if fields or not self._has_id_doc_values:
+            hits = self.searcher.search(query, k=k, fields=fields or {})
+            return [(h.docid, float(h.score)) for h in hits]
+        lucene_query = self._generator.buildQuery("contents", self._analyzer, query)
+        hits = [(hit.doc, float(hit.score)) for hit in self._lucene.search(lucene_query, k).scoreDocs]
+        # ids from the `id` doc values (no stored-block decompression); that iterator only moves forward
+        ids = self._doc_values.getBinaryValues(self._reader, "id")
+        id_of = {}
+        for doc in sorted(doc for doc, _ in hits):
+            ids.advanceExact(doc)
+            id_of[doc] = ids.binaryValue().utf8ToString()
+        self._lucene_doc = {id_of[doc]: doc for doc, _ in hits}
+        return [(id_of[doc], score) for doc, score in hits]
 
     def raw(self, docid: str) -> dict:
         """The stored document: {"id", "contents" (the reply), "context"}."""
+        lucene_doc = self._lucene_doc.get(docid)
+        if lucene_doc is not None:  # a hit of `search`: no id lookup
+            return orjson.loads(self._stored.document(lucene_doc).get("raw"))
         doc = self.searcher.doc(docid)
         if doc is None:
             raise UserError(f"{docid} is not in the BM25 index {self.dir}: rebuild with `ahf index`")
@@ -141,4 +179,7 @@ class BM25Searcher:
         return [[(h.docid, float(h.score)) for h in results[i]] for i in ids]
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
         self.searcher.close()
+        self._reader.close()

@@ -3,9 +3,11 @@
 Without TEXT the turns tagged TYPE come by act confidence (ties: comment id). With TEXT, BM25
 (Lucene) and dense (FAISS) each rank the turns tagged TYPE for TEXT and the two runs are fused
 (reciprocal-rank fusion by default, or interpolation of normalised scores). The dense side
-searches only inside the act (a FAISS ID selector, exact for flat indexes); the BM25 side keeps
-the act's turns among its top `bm25_depth` (50) hits: pyserini loads every hit's stored document,
-so a deep BM25 list costs more than the fusion gains from it.
+searches only inside the act (a FAISS bitmap selector, built once per act; exact for flat
+indexes); the BM25 side keeps the act's turns among its top `bm25_depth` (50) hits. The query's
+encoding (ONNX Runtime on the CPU, see index.query_encoder) runs in a second thread while Lucene
+searches (pruned top-k, ids from doc values, see index.bm25), so on 2 cores a query costs about
+the longer of the two rather than their sum.
 
 `ActSearcher` loads everything once, so a process answering many queries (the benchmark, a
 server) pays the JVM start, the index loads and the encoder load once.
@@ -13,6 +15,7 @@ server) pays the JVM start, the index loads and the encoder load once.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,10 +65,13 @@ class ActSearcher:
         self._by_act: dict[str, np.ndarray] = {a: np.flatnonzero(self._acts == a) for a in self.acts}
         self._conf_of = dict(zip(self._ids.tolist(), self._conf.tolist()))
         self._sub_of = dict(zip(self._ids.tolist(), self._subs.tolist()))
-        self._candidates: dict[tuple[str, str | None], tuple[np.ndarray, set[str], np.ndarray | None]] = {}
+        # (act, subreddit) -> (rows, comment ids, FAISS restriction): built on first use, then reused
+        self._candidates: dict[tuple[str, str | None], tuple[np.ndarray, set[str], object]] = {}
         self._bm25 = self._dense = None
+        self._encoder_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ahf-query-encoder")
 
     def close(self) -> None:
+        self._encoder_thread.shutdown()
         self.store.close()
         if self._bm25 is not None:
             self._bm25.close()
@@ -91,12 +97,12 @@ class ActSearcher:
         if key not in self._candidates:
             rows = self._candidate_rows(act, subreddit)
             ids = self._ids[rows]
-            dense_rows = None
+            restriction = None
             if self._dense is not None:
                 lookup = self._dense.row
                 dense_rows = np.fromiter((lookup.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
-                dense_rows = dense_rows[dense_rows >= 0]
-            self._candidates[key] = (rows, set(ids.tolist()), dense_rows)
+                restriction = self._dense.restriction(dense_rows[dense_rows >= 0])
+            self._candidates[key] = (rows, set(ids.tolist()), restriction)
         return self._candidates[key]
 
     def _load_engines(self) -> None:
@@ -107,6 +113,8 @@ class ActSearcher:
             self._dense = DenseSearcher(self.root)
             self._bm25 = BM25Searcher(self.root)
             self._candidates.clear()
+            for act in self.acts:  # at load, not in some act's first query (≈0.1 s per 250k turns)
+                self._candidates_for(act, None)
 
     # ------------------------------------------------------------------ search
 
@@ -119,11 +127,13 @@ class ActSearcher:
             rows = self._candidate_rows(act, subreddit)[:k]  # already sorted by confidence
             return list(zip(self._ids[rows].tolist(), self._conf[rows].tolist()))
         self._load_engines()
-        _, allowed, dense_rows = self._candidates_for(act, subreddit)
+        _, allowed, restriction = self._candidates_for(act, subreddit)
         if not allowed:
             return []
+        # The query encoding (torch, one thread) and the Lucene search (JVM) run on the two cores at once.
+        encoding = self._encoder_thread.submit(self._dense.encode_query, text)
         lexical = [(d, s) for d, s in self._bm25.search(text, k=self.bm25_depth) if d in allowed]
-        semantic = self._dense.search(text, k=max(k, self.dense_depth), allowed_rows=dense_rows)
+        semantic = self._dense.search_vector(encoding.result(), k=max(k, self.dense_depth), restriction=restriction)
         return fuse([lexical, semantic], method=self.fusion, k=k, alpha=self.alpha)
 
     def _turns(self, ids: list[str]) -> dict[str, dict]:

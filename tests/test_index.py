@@ -102,6 +102,37 @@ def test_bm25_indexes_every_turn_and_finds_a_reply_by_its_words(store):
         searcher.close()
 
 
+def test_bm25_search_equals_pyserini(store):
+    """Our pruned IndexSearcher path ranks the same documents with the same scores as pyserini's
+    LuceneSearcher (which rounds to 4 decimals and spaces ties 1e-6 apart), and `raw` of a hit
+    equals pyserini's stored document."""
+    from index.bm25 import BM25Searcher
+
+    store_dir, _ = store
+    turns = _turns(store_dir)
+    replies = turns["reply"].to_pylist()
+    queries = turns["title"].to_pylist()[::15] + [" ".join(r.split()[:12]) for r in replies[::40]]
+    searcher = BM25Searcher(store_dir / "index")
+    compared = 0
+    try:
+        for query in [q for q in queries if q and q.strip()]:
+            ours = searcher.search(query, k=30)
+            theirs = [(h.docid, h.score) for h in searcher.searcher.search(query, k=30)]
+            assert len(ours) == len(theirs)
+            assert [s for _, s in ours] == pytest.approx([s for _, s in theirs], abs=1e-4)
+            if not ours:
+                continue
+            # identical documents, except where equal scores straddle the cut-off
+            boundary = ours[-1][1] + 1e-3
+            assert {d for d, s in ours if s > boundary} == {d for d, s in theirs if s > boundary}
+            top = ours[0][0]
+            assert searcher.raw(top) == json.loads(searcher.searcher.doc(top).raw())
+            compared += 1
+    finally:
+        searcher.close()
+    assert compared >= 10
+
+
 def test_failed_bm25_build_leaves_the_previous_index(store, monkeypatch):
     from index import bm25
     from index.manifest import live_dir
@@ -156,6 +187,24 @@ def test_dense_extends_without_reencoding(store, tmp_path):
     assert len(list(root.glob("dense-*"))) == 1
 
 
+def test_onnx_query_encoder_reproduces_sentence_transformers(store, tmp_path):
+    """The query path's ONNX encoder gives sentence-transformers' vectors, and the searcher uses it."""
+    from index.dense import DenseSearcher
+    from index.query_encoder import ONNX_FILE, onnx_query_encoder
+
+    store_dir, _ = store
+    searcher = DenseSearcher(store_dir / "index")
+    queries = _turns(store_dir)["title"].to_pylist()[::9] + ["why?", "tl;dr " * 200]  # one past 256 tokens
+    expected = searcher.encoder.encode(queries)
+    got = np.concatenate([searcher.encode_query(q) for q in queries])
+    assert searcher.query_backend == "onnx", searcher.query_backend_note
+    assert np.abs(got - expected).max() < 1e-4
+    # A stale export (here: a file that is not the model) is refused, never trusted.
+    (tmp_path / ONNX_FILE).write_bytes(b"not onnx")
+    encoder, why = onnx_query_encoder(searcher.encoder.model, tmp_path)
+    assert encoder is None and "failed" in why
+
+
 def test_hnsw_agrees_with_exact_search(store, tmp_path):
     from index.dense import DenseConfig, DenseSearcher, build_dense
 
@@ -177,6 +226,11 @@ def test_hnsw_agrees_with_exact_search(store, tmp_path):
     allowed = np.arange(0, len(ids), 3)
     _, rows = hnsw.search_vectors(queries[:3], 5, allowed_rows=allowed)
     assert set(rows.ravel().tolist()) <= set(allowed.tolist())
+    # A prepared restriction (the query path's bitmap) gives exact search's answer among the allowed rows.
+    vectors = exact.vectors()
+    brute = np.argsort(-(queries[:3] @ vectors[allowed].T), axis=1)[:, :5]
+    _, rows = exact.search_vectors(queries[:3], 5, restriction=exact.restriction(allowed))
+    assert rows.tolist() == allowed[brute].tolist()
 
 
 # ------------------------------------------------------------------------------------ fusion
