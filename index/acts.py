@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, Field, field_validator
 
 from ahf.console import UserError
+from index.weak import ClassifierConfig, ClassifierReport, classifier_scores
 
 OTHER = "other"
 CUE_FIELDS = ("reply", "parent_text", "title", "context")
@@ -60,6 +61,7 @@ class CueWeights(BaseModel):
     dense: float = Field(0.3, ge=0)
     bm25: float = Field(0.1, ge=0)
     length: float = Field(0.2, ge=0)
+    classifier: float = Field(0.3, ge=0, description="the weak-label classifier (index.weak); 0 = off")
 
 
 class ActsConfig(BaseModel):
@@ -70,6 +72,7 @@ class ActsConfig(BaseModel):
     dense_low: float = 0.10
     dense_high: float = 0.55
     bm25_depth: float = Field(0.25, gt=0, description="fraction of turns (< 1) or a number of hits")
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
     acts: dict[str, ActDef] = Field(default_factory=dict)
 
     @field_validator("acts")
@@ -135,25 +138,34 @@ class ActsReport:
     turns: int
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    classifier: dict | None = None  # weak-label classifier: positives per act, Elkan-Noto c, skips
 
     def to_dict(self) -> dict:
-        return {"turns": self.turns, "acts": self.counts, "seconds": round(self.seconds, 3)}
+        out = {"turns": self.turns, "acts": self.counts, "seconds": round(self.seconds, 3)}
+        if self.classifier is not None:
+            out["classifier"] = self.classifier
+        return out
 
 
 def score_acts(turns: pa.Table, vectors: np.ndarray, exemplar_vectors: dict[str, np.ndarray],
-               bm25: dict[str, np.ndarray], config: ActsConfig) -> dict[str, np.ndarray]:
-    """Confidence of every act for every turn (row order of `turns`)."""
+               bm25: dict[str, np.ndarray], config: ActsConfig) -> tuple[dict[str, np.ndarray], ClassifierReport | None]:
+    """Confidence of every act for every turn (row order of `turns`), and the classifier's report."""
     w = config.weights
-    total_weight = (w.structure + w.dense + w.bm25 + w.length) or 1.0
+    total_weight = (w.structure + w.dense + w.bm25 + w.length + w.classifier) or 1.0
     words = word_counts(turns["reply"])
+    structure = {name: structure_scores(turns, act) for name, act in config.acts.items()}
+    learned, report = ({name: 0.0 for name in config.acts}, None)
+    if w.classifier > 0:
+        learned, report = classifier_scores(vectors, structure, config.classifier)
     out = {}
     for name, act in config.acts.items():
-        fused = (w.structure * structure_scores(turns, act)
+        fused = (w.structure * structure[name]
                  + w.dense * dense_scores(vectors, exemplar_vectors[name], config.dense_low, config.dense_high)
                  + w.bm25 * bm25[name]
-                 + w.length * length_scores(words, act.length))
+                 + w.length * length_scores(words, act.length)
+                 + w.classifier * learned[name])
         out[name] = fused / total_weight
-    return out
+    return out, report
 
 
 def assign(confidences: dict[str, np.ndarray], min_confidence: float) -> tuple[np.ndarray, np.ndarray]:
@@ -201,13 +213,15 @@ def tag_acts(store_dir: str | Path, config: ActsConfig | None = None, index_root
                for name, act in config.acts.items()}
     bm25.close()
 
-    acts, conf = assign(score_acts(turns, vectors, exemplars, lexical, config), config.min_confidence)
+    confidences, classifier = score_acts(turns, vectors, exemplars, lexical, config)
+    acts, conf = assign(confidences, config.min_confidence)
     table = pa.table({"comment_id": ids, "act": acts.tolist(),
                       "confidence": pa.array(conf, type=pa.float64())})
     write_acts(store_dir, table)
     counts = dict(zip(*np.unique(acts.astype(str), return_counts=True)))
     return ActsReport(turns=n, counts={k: int(v) for k, v in sorted(counts.items())},
-                      seconds=time.perf_counter() - started)
+                      seconds=time.perf_counter() - started,
+                      classifier=classifier.to_dict() if classifier else None)
 
 
 def write_acts(store_dir: str | Path, table: pa.Table) -> None:

@@ -7,6 +7,7 @@ subreddit "threads") is ingested and indexed once per module; the JVM starts onc
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -280,6 +281,39 @@ def test_acts_tag_every_turn_and_meet_precision_on_the_check_set(store, tagged, 
         assert r["precision_at_20"] >= 0.9, (act, r)
         assert r["recall"] >= min_recall, (act, r)
     assert result["labels_not_in_store"] > 0  # deleted 2005 comments are labelled but are not turns
+
+
+def test_weak_label_classifier_finds_stories_whose_prompt_lost_its_tag(store):
+    """Strip the [WP]-style tag from half of the prompts: the structure cue goes to 0 for those
+    stories, and the classifier, trained on the tagged half as positive-unlabelled data, still
+    scores them as stories while the real 2005 comments stay low."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from index.acts import load_acts_config, structure_scores
+    from index.dense import DenseSearcher
+    from index.weak import ClassifierConfig, classifier_scores
+
+    store_dir, _ = store
+    turns = _turns(store_dir)
+    ids = np.array(turns["comment_id"].to_pylist())
+    is_story = np.char.startswith(ids.astype(str), "ws")
+    stripped = is_story & (np.arange(len(ids)) % 2 == 0)
+    titles = [re.sub(r"^\s*[\[(]\s*\w\w\s*[\])]\s*", "", t) if cut else t
+              for t, cut in zip(turns["title"].to_pylist(), stripped)]
+    turns = turns.set_column(turns.schema.get_field_index("title"), "title", pa.array(titles))
+    config = load_acts_config()
+    structure = {name: structure_scores(turns, act) for name, act in config.acts.items()}
+    assert structure["story"][stripped].max() < 0.6 <= structure["story"][is_story & ~stripped].min()
+
+    dense = DenseSearcher(store_dir / "index")
+    vectors = dense.vectors()[[dense.row[c] for c in ids]]
+    scores, report = classifier_scores(vectors, structure, ClassifierConfig(min_positives=10))
+    assert report.positives["story"] == int((is_story & ~stripped).sum())
+    assert "summary" in report.skipped  # too few TL;DR replies to learn from: said, not guessed
+    assert (scores["story"][stripped] >= 0.5).mean() >= 0.8
+    assert (scores["story"][~is_story] >= 0.5).mean() <= 0.05  # ELI5 answers and 2005 comments
+    assert not scores["summary"].any()
 
 
 def test_acts_do_not_depend_on_subreddit_names(store, tagged, tmp_path):
