@@ -1,24 +1,30 @@
 """Benchmark of `ahf ingest` against the baselines a user would reach for, on a dump-shaped input.
 
     python bench/ingest.py --comments 1000000 --memory-sizes 250000 2000000 --workdir /tmp/ahf-bench-ingest \
-        [--repeat 3] [--json] [--doc docs/bench/ingest.md]
+        [--repeat 3] [--json] [--doc docs/bench/ingest.md] [--compare-tree DIR --compare-label TEXT]
 
 The input is the real December 2005 comment dump (../shared/data/pushshift/RC_2005-12.zst,
 1,075 comments) repeated with fresh ids: copy k adds k * 36**7 to every base-36 id, in `id` and in
 the `t1_`/`t3_` ids of `parent_id` and `link_id`, so every copy is the same forest of trees (its
 orphans stay orphans) under new ids. It is written as zstd with a 2 GiB window and long-distance
-matching, as the Pushshift / Arctic Shift dumps are (`zstd --long=31`).
+matching, as the Pushshift / Arctic Shift dumps are (`zstd --long=31`). Being repeats, it
+compresses ~30x where real dumps compress 5-20x, which makes its raw decode unusually cheap; so
+the raw decode is also measured on the real dumps' own compressibility (the anchors below).
 
 Measured in one run, each in its own process (wall time from start to exit, CPU = user + sys of
 the process and its children, peak RSS from `wait4`):
 - raw decode: `zstd -dc --long=31 FILE | wc -l` (lines/s);
+- raw decode anchors at real compressibility: the real RC_2005-12.zst and RS_2019-10_AskWomen.zst
+  files concatenated (as zstd frames) to about --comments lines each;
 - `json.loads` over a python-zstandard stream, and the same with `orjson.loads`;
 - DuckDB `read_json` on the .zst directly (it refuses the 2 GiB window: the error is shown), then
   decompress to a file with the zstd CLI + DuckDB `read_json` into a table with the store's
-  schema and primary key: both steps counted;
+  schema: both steps counted;
 - `ahf ingest FILE --store DIR --no-turns --json` end to end (streaming, no decompressed copy),
   at more sizes, to show that its peak memory does not grow with the input beyond the decoder's
-  window (which `zstd -d` pays too: min(2 GiB, decompressed size)) and the primary-key index.
+  window (which `zstd -d` pays too: min(2 GiB, decompressed size));
+- with --compare-tree, the same `ahf ingest` and stage workers from another checkout (the
+  version before a change), in the same run, under the same load.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -43,7 +50,14 @@ DUCKDB = "DuckDB: zstd -d to a file, then read_json into the store schema (both 
 INGEST = "ahf ingest FILE --no-turns (streaming, into the store)"
 JSON_LOOP = "json.loads loop (python-zstandard stream)"
 ORJSON_LOOP = "orjson loop (python-zstandard stream)"
-PARSE = "parse + check blocks (Arrow JSON reader)"
+PARSE = "parse + check blocks (DuckDB JSON reader, to Arrow)"
+READ = "start-up + decompress + cut into line blocks (reader thread)"
+STORE = "store writes and summary queries (DuckDB), CLI imports"
+INGEST_BEFORE = "ahf ingest FILE --no-turns, version before this change (same run)"
+ANCHORS = {  # the real files, concatenated: their own compressibility and line lengths
+    "RC_2005-12.zst (comments, the records of the input above)": "RC_2005-12.zst",
+    "RS_2019-10_AskWomen.zst (submissions, 2019 schema)": "RS_2019-10_AskWomen.zst",
+}
 
 
 # ---------------------------------------------------------------- input
@@ -139,16 +153,17 @@ _DUCKDB_COLUMNS = ("{'id': 'VARCHAR', 'link_id': 'VARCHAR', 'parent_id': 'VARCHA
 def worker_stage(stage: str, path: str) -> int:
     """The ingest's own reader, alone (`read`) or with the block parser (`parse`): no store."""
     sys.path.insert(0, str(REPO))
-    from mining.normalize import normalize_block
+    from mining.normalize import BlockParser
     from mining.readers import read_items
 
     rows = 0
-    for block in read_items(Path(path)):
-        if stage == "parse":
-            comments, posts = normalize_block(block.data, block.n_lines)
-            rows += comments.num_rows + posts.num_rows
-        else:
-            rows += block.n_lines
+    with BlockParser() as parser:
+        for block in read_items(Path(path)):
+            if stage == "parse":
+                parsed = parser.parse(block.parts, block.n_lines)
+                rows += parsed.comments.num_rows + parsed.posts.num_rows
+            else:
+                rows += block.n_lines
     return rows
 
 
@@ -166,7 +181,7 @@ def worker_duckdb_file(ndjson: str, store_dir: str) -> int:
     sys.path.insert(0, str(REPO))
     from mining.store import Store
 
-    with Store(store_dir) as store:  # the same tables, types and primary key as `ahf ingest`
+    with Store(store_dir) as store:  # the same tables and types as `ahf ingest`
         store.con.execute("SET enable_progress_bar = false")
         store.con.execute(
             "INSERT INTO comments SELECT id, link_id, parent_id, author, body, score, "
@@ -178,7 +193,7 @@ def worker_duckdb_file(ndjson: str, store_dir: str) -> int:
 
 # ---------------------------------------------------------------- measuring
 
-def measure(argv: list[str], stdout_path: Path | None = None) -> dict:
+def measure(argv: list[str], stdout_path: Path | None = None, cwd: Path = REPO) -> dict:
     """Run argv; wall, CPU (user+sys incl. its children) and peak RSS of that process tree.
 
     It runs under a fresh, small Python (`--probe`) that starts it and reads its rusage with
@@ -191,7 +206,7 @@ def measure(argv: list[str], stdout_path: Path | None = None) -> dict:
     out = open(stdout_path, "wb") if stdout_path else subprocess.DEVNULL
     try:
         done = subprocess.run([sys.executable, "-S", str(Path(__file__).resolve()), "--probe", str(probe_out),
-                               *argv], stdout=out, stderr=subprocess.PIPE, cwd=REPO)
+                               *argv], stdout=out, stderr=subprocess.PIPE, cwd=cwd)
     finally:
         if stdout_path:
             out.close()
@@ -231,7 +246,7 @@ def wait_for_idle() -> None:
 
 def probe(out: str, argv: list[str]) -> int:
     started = time.perf_counter()
-    process = subprocess.Popen(argv, cwd=REPO)
+    process = subprocess.Popen(argv)  # in the probe's own working directory (measure's cwd)
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
     Path(out).write_text(json.dumps({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
@@ -245,22 +260,32 @@ def best(runs: list[dict]) -> dict:
 
 
 def repeat(times: int, fn) -> dict:
-    return best([fn() for _ in range(times)])
+    runs = [fn() for _ in range(times)]
+    return {**best(runs), "cpu_runs_s": [round(r["cpu_s"], 2) for r in runs]}
 
 
-def self_cmd(*args: str) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), *args]
+def repeat_alternating(times: int, fns: dict) -> dict:
+    """Like `repeat` for several commands, run in turn (a, b, a, b...): load that drifts hits each alike."""
+    runs: dict = {key: [] for key in fns}
+    for _ in range(times):
+        for key, fn in fns.items():
+            runs[key].append(fn())
+    return {key: {**best(r), "cpu_runs_s": [round(x["cpu_s"], 2) for x in r]} for key, r in runs.items()}
+
+
+def self_cmd(*args: str, tree: Path = REPO) -> list[str]:
+    return [sys.executable, str(tree / "bench" / "ingest.py"), *args]
 
 
 def ingest_cmd(path: Path, store: Path) -> list[str]:
     return [sys.executable, "-m", "ahf.cli", "ingest", str(path), "--store", str(store), "--no-turns", "--json"]
 
 
-def run_ingest(path: Path, work: Path, tag: str) -> dict:
+def run_ingest(path: Path, work: Path, tag: str, tree: Path = REPO) -> dict:
     store = work / f"store-{tag}"
     shutil.rmtree(store, ignore_errors=True)
     report_path = work / f"ingest-{tag}.json"
-    result = measure(ingest_cmd(path, store), stdout_path=report_path)
+    result = measure(ingest_cmd(path, store), stdout_path=report_path, cwd=tree)
     report = json.loads(report_path.read_text())
     if report["errors"] or report["skipped"]:
         raise RuntimeError(f"ingest of {path} was not clean: {report['errors']} {report['skipped']}")
@@ -305,6 +330,18 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def write_anchor(source: Path, path: Path, lines: int) -> int:
+    """The real compressed file repeated as whole zstd frames to about `lines` lines; returns the line count."""
+    data = source.read_bytes()
+    per_copy = int(subprocess.run(["sh", "-c", f"zstd -dc --long=31 '{source}' | wc -l"], capture_output=True,
+                                  text=True, check=True).stdout)
+    copies = max(1, round(lines / per_copy))
+    with open(path, "wb") as fh:
+        for _ in range(copies):
+            fh.write(data)
+    return copies * per_copy
+
+
 def run_benchmark(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(REPO))
     from mining.ingest import DEFAULT_BATCH_ROWS
@@ -325,6 +362,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     big, n = inputs[args.comments], args.comments
     decompressed = work / "decompressed.ndjson"
     load_before = load_average()
+    compare = Path(args.compare_tree).resolve() if args.compare_tree else None
 
     def raw(path: Path) -> dict:
         return measure(["sh", "-c", f"zstd -dc --long=31 '{path}' | wc -l"])
@@ -350,18 +388,36 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 "steps": {"decompress_s": step1["wall_s"], "read_json_insert_s": step2["wall_s"]}}
 
     rows[DUCKDB] = repeat(args.repeat, duckdb_two_steps)
-    rows[INGEST] = repeat(args.repeat, lambda: run_ingest(big, work, "large"))
+    ingest_runs = {INGEST: lambda: run_ingest(big, work, "large")}
+    if compare:
+        ingest_runs[INGEST_BEFORE] = lambda: run_ingest(big, work, "before", tree=compare)
+    rows.update(repeat_alternating(args.repeat, ingest_runs))
     for row in rows.values():
         row["records"] = n
         row["rate_per_s"] = n / row["wall_s"]
-    stages = {"read": repeat(args.repeat, lambda: measure(self_cmd("--worker", "read", str(big)))),
-              "parse": repeat(args.repeat, lambda: measure(self_cmd("--worker", "parse", str(big))))}
-    ingest_cpu = rows[INGEST]["cpu_s"]
-    cpu_budget = {
-        "start-up + decompress + cut into line blocks (reader thread)": stages["read"]["cpu_s"],
-        PARSE: stages["parse"]["cpu_s"] - stages["read"]["cpu_s"],
-        "store writes and summary queries (DuckDB), CLI imports": ingest_cpu - stages["parse"]["cpu_s"],
-    }
+
+    anchors = {}
+    for label, name in ANCHORS.items():
+        path = work / f"anchor_{name}"
+        lines = write_anchor(REPO.parent / "shared" / "data" / "pushshift" / name, path, n)
+        row = repeat(args.repeat, lambda: raw(path))
+        row.update(lines=lines, rate_per_s=lines / row["wall_s"], compressed_mb=path.stat().st_size / 2**20,
+                   decompressed_mb=_decompressed_mb(path))
+        anchors[label] = row
+        path.unlink()
+
+    trees = {"after": REPO, **({"before": compare} if compare else {})}
+    stage_runs = repeat_alternating(args.repeat, {
+        (when, stage): (lambda tree=tree, stage=stage: measure(self_cmd("--worker", stage, str(big), tree=tree)))
+        for when, tree in trees.items() for stage in ("read", "parse")})
+
+    def stage_budget(when: str, ingest: dict) -> dict:
+        # the least disturbed (smallest) CPU of each worker's runs: the shared machine only adds
+        read, parse = (min(stage_runs[(when, stage)]["cpu_runs_s"]) for stage in ("read", "parse"))
+        return {READ: read, PARSE: parse - read, STORE: min(ingest["cpu_runs_s"]) - parse}
+
+    cpu_budget = stage_budget("after", rows[INGEST])
+    cpu_budget_before = stage_budget("before", rows[INGEST_BEFORE]) if compare else None
 
     memory = []
     for size in sizes:
@@ -371,20 +427,24 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         memory.append({"comments": size, "batches": -(-size // DEFAULT_BATCH_ROWS),
                        "decompressed_mb": _decompressed_mb(path),
                        "ingest_peak_rss_mb": ingest["peak_rss_mb"], "zstd_d_peak_rss_mb": decoder["peak_rss_mb"],
-                       "ingest_rate_per_s": size / ingest["wall_s"], "ingest_cpu_s": ingest["cpu_s"]})
+                       "ingest_rate_per_s": size / ingest["wall_s"], "ingest_cpu_s": ingest["cpu_s"],
+                       "store_mb": ingest["store_mb"]})
     raw_rate = rows[RAW]["rate_per_s"]
     ingest_rate = rows[INGEST]["rate_per_s"]
     return {
         "machine": machine(),
         "load_average_1m": {"before": load_before, "after": load_average()},
-        "command": " ".join(["python", "bench/ingest.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "bench/ingest.py", *sys.argv[1:]]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "input": {"comments": n, "compressed_mb": big.stat().st_size / 2**20,
                   "decompressed_mb": _decompressed_mb(big), "repeat": args.repeat},
         "rows": rows,
+        "anchors": anchors,
         "duckdb_on_zst": duckdb_error,
         "memory": memory,
         "cpu_budget_s": cpu_budget,
+        "cpu_budget_before_s": cpu_budget_before,
+        "compare_label": args.compare_label if compare else None,
         "ingest_vs_raw_decode": ingest_rate / raw_rate,
     }
 
@@ -397,26 +457,42 @@ def _decompressed_mb(path: Path) -> float:
 # ---------------------------------------------------------------- output
 
 def table(result: dict) -> str:
-    lines = [f"| what | {result['input']['comments']:,} comments: wall s | records/s | CPU s | peak RSS MiB "
-             "| other jobs' CPU s meanwhile |",
+    n = result["input"]["comments"]
+    lines = [f"| what | {n:,} comments: wall s | records/s | CPU s | peak RSS MiB | other jobs' CPU s meanwhile |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, row in result["rows"].items():
         label = name.replace("|", "\\|")
         lines.append(f"| {label} | {row['wall_s']:.2f} | {row['rate_per_s']:,.0f} | {row['cpu_s']:.2f} | "
                      f"{row['peak_rss_mb']:,.0f} | {row['others_cpu_s']:.1f} |")
-    lines += ["", f"| where `ahf ingest`'s CPU goes ({result['input']['comments']:,} comments) | CPU s | share |",
-              "|---|---:|---:|"]
+    ingest_rate = result["rows"][INGEST]["rate_per_s"]
+    lines += ["", "| raw decode anchor (`zstd -dc --long=31 \\| wc -l`) | lines | compressed MiB | ratio | wall s "
+                  "| lines/s | CPU s | `ahf ingest` rate as % of it |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    anchors = {"the benchmark input above (repeats, ids shifted)": {
+        **result["rows"][RAW], "lines": n, "compressed_mb": result["input"]["compressed_mb"],
+        "decompressed_mb": result["input"]["decompressed_mb"]}, **result.get("anchors", {})}
+    for name, row in anchors.items():
+        lines.append(f"| {name} | {row['lines']:,} | {row['compressed_mb']:,.1f} | "
+                     f"{row['decompressed_mb'] / row['compressed_mb']:.1f}x | {row['wall_s']:.2f} | "
+                     f"{row['rate_per_s']:,.0f} | {row['cpu_s']:.2f} | {ingest_rate / row['rate_per_s']:.0%} |")
+    before = result.get("cpu_budget_before_s")
+    lines += ["", f"| where `ahf ingest`'s CPU goes ({n:,} comments; smallest of the runs) | "
+                  + ("before: CPU s | after: CPU s | after: share |" if before else "CPU s | share |"),
+              "|---|---:|---:|---:|" if before else "|---|---:|---:|"]
     total = sum(result["cpu_budget_s"].values())
     for name, cpu in result["cpu_budget_s"].items():
-        lines.append(f"| {name} | {cpu:.2f} | {cpu / total:.0%} |")
+        was = f"{before[name]:.2f} | " if before else ""
+        lines.append(f"| {name} | {was}{cpu:.2f} | {cpu / total:.0%} |")
+    if before:
+        lines.append(f"| total | {sum(before.values()):.2f} | {total:.2f} | |")
     lines += ["", "| comments | batches | decompressed MiB | `ahf ingest` peak RSS MiB | `zstd -d` peak RSS MiB "
-                  "| ingest minus decoder window MiB | ingest records/s | ingest CPU s |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| ingest minus decoder window MiB | ingest records/s | ingest CPU s | store MiB |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in result["memory"]:
         lines.append(f"| {m['comments']:,} | {m['batches']} | {m['decompressed_mb']:,.0f} | "
                      f"{m['ingest_peak_rss_mb']:,.0f} | "
                      f"{m['zstd_d_peak_rss_mb']:,.0f} | {m['ingest_peak_rss_mb'] - m['zstd_d_peak_rss_mb']:,.0f} | "
-                     f"{m['ingest_rate_per_s']:,.0f} | {m['ingest_cpu_s']:.2f} |")
+                     f"{m['ingest_rate_per_s']:,.0f} | {m['ingest_cpu_s']:.2f} | {m.get('store_mb', 0):,.0f} |")
     return "\n".join(lines)
 
 
@@ -424,97 +500,147 @@ def write_doc(result: dict, path: Path) -> None:
     m, inp, rows = result["machine"], result["input"], result["rows"]
     n = inp["comments"]
     two_steps = rows[DUCKDB]["steps"]
-    ingest_cpu = rows[INGEST]["cpu_s"]
+    ingest = rows[INGEST]
+    ingest_cpu = ingest["cpu_s"]
     cores = m["cores"] or 1
     ratio = inp["decompressed_mb"] / inp["compressed_mb"]
     share = result["ingest_vs_raw_decode"]
     verdict = "met" if share >= 0.5 else "not met"
-    orjson_share = rows[ORJSON_LOOP]["rate_per_s"] / rows[RAW]["rate_per_s"]
+    anchors = result.get("anchors", {})
+    real = [f"{row['rate_per_s'] / 1e3:,.0f}k lines/s for {name.split(' (')[0]} "
+            f"({row['decompressed_mb'] / row['compressed_mb']:.1f}x; ingest at "
+            f"{ingest['rate_per_s'] / row['rate_per_s']:.0%} of it)" for name, row in anchors.items()]
+    before = rows.get(INGEST_BEFORE)
+    budget, budget_before = result["cpu_budget_s"], result.get("cpu_budget_before_s")
     big_two = sorted(result["memory"], key=lambda r: r["comments"])[-2:]
     pipeline = [r["ingest_peak_rss_mb"] - r["zstd_d_peak_rss_mb"] for r in big_two]
     growth = (pipeline[1] - pipeline[0]) / max(1e-9, (big_two[1]["comments"] - big_two[0]["comments"]) / 1e6)
+    load = result["load_average_1m"]
+    compare_text = ""
+    if before:
+        runs_after, runs_before = ingest["cpu_runs_s"], before["cpu_runs_s"]
+        compare_text = (
+            f"\n- **Against the version before this change** ({result['compare_label']}; the two run in turn, "
+            f"{len(runs_after)} times each, in the same session): CPU s {min(runs_before):.1f} → "
+            f"{min(runs_after):.1f} at best ({min(runs_after) / min(runs_before):.0%}; every run: before "
+            f"{', '.join(f'{x:.1f}' for x in runs_before)}, after {', '.join(f'{x:.1f}' for x in runs_after)}), "
+            f"{before['rate_per_s']:,.0f} → {ingest['rate_per_s']:,.0f} records/s (fastest runs), peak RSS "
+            f"{before['peak_rss_mb']:,.0f} → {ingest['peak_rss_mb']:,.0f} MiB. Per stage (smallest CPU of the runs): "
+            + "; ".join(f"{name.split(' (')[0]} {budget_before[name]:.2f} → {budget[name]:.2f}" for name in budget)
+            + ".")
     text = f"""# Ingest benchmark
 
-`ahf ingest` streams a dump into the store without a decompressed copy: a reader thread
-decompresses (python-zstandard, 2 GiB window) and cuts 16 MiB blocks of whole lines; Arrow's JSON
-reader parses each block against an explicit schema (a block with an unclean record is redone line
-by line with orjson + `normalize_record`, which counts every skip with its reason and line); a
-writer thread commits batches of 250k rows to DuckDB while the next batch is parsed.
+`ahf ingest` streams a dump into the store without a decompressed copy on disk: a reader thread
+decompresses (python-zstandard, 2 GiB window) and cuts blocks of about 16 MiB of whole lines,
+handed on as the decompressor's own output buffers; DuckDB's JSON reader, fed each block
+through a private named pipe, reads every field as text and converts it in SQL, checking each
+value against what the per-record path (`normalize_record`) would make of it; a line whose
+value a cast could change is handed back by line number and redone by orjson +
+`normalize_record`, which counts every skip with its reason and line. A writer thread commits
+batches of 245,760 rows (two DuckDB row groups) while the next batch is parsed, merging ids
+already stored set-wise (the tables carry no primary-key index).
 
 Command: `{result['command']}` ({result['date']}; the fastest of {inp['repeat']} run(s) per row).
 
 Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; {m['os']}; Python {m['python']},
 DuckDB {m['duckdb']}, pyarrow {m['pyarrow']}, zstandard {m['zstandard']}, orjson {m['orjson']},
-{m['zstd_cli']}. The machine is shared with other jobs (1-minute load average
-{result['load_average_1m']['before']} before and {result['load_average_1m']['after']} after): wall times include
+{m['zstd_cli']}. **The machine was shared with other jobs during this run** (1-minute load average
+{load['before']} before and {load['after']} after, on {m['cores']} cores): wall times include
 waiting for a core whenever the last column (CPU seconds other processes used during that run) is
-not near zero; CPU seconds (user + sys of the measured process tree) are the steadier figure.
+not near zero, and CPU seconds, the steadier figure, are inflated too by the contention (caches,
+memory bandwidth). Compare rows of this page with each other, not with pages taken on the idle machine.
 
 Input: the real `RC_2005-12.zst` (1,075 comments) repeated with fresh ids to {n:,} comments
 ({inp['decompressed_mb']:,.0f} MiB of NDJSON; {inp['compressed_mb']:,.1f} MiB as zstd with a 2 GiB window and
 long-distance matching, like the Pushshift dumps). Being repeats, it compresses ~{ratio:.0f}x where
-a real dump compresses ~5-10x, which makes the raw-decode baseline unusually cheap here.
+the real files compress 5-20x, which makes its raw decode unusually cheap: the second table
+decodes the real files at their own compressibility.
 
 {table(result)}
 
 ## Findings
 
-- **Goal {verdict}**: `ahf ingest` runs at **{share:.0%} of the raw-decode rate** end to end (the goal
-  was 50 %). On {cores} cores its {ingest_cpu:.1f} CPU s bound it at {n / (ingest_cpu / cores):,.0f} records/s even with
-  perfect overlap of its threads. Raw decode of this input costs {rows[RAW]['cpu_s']:.2f} CPU s; parsing
-  the same JSON costs more with every parser available here: {rows[ORJSON_LOOP]['cpu_s']:.1f} CPU s for
-  the orjson loop that builds no row at all ({orjson_share:.0%} of the raw rate on its own),
-  {result['cpu_budget_s'][PARSE]:.1f} s for Arrow's reader producing typed columns; and DuckDB's writes with
-  the primary key cost about as much again. Even DuckDB's own non-streaming path (row 4) reaches
-  {rows[DUCKDB]['rate_per_s'] / rows[RAW]['rate_per_s']:.0%}.
-- DuckDB's `read_json` is the faster parser (row 4 parses and inserts with {rows[DUCKDB]['cpu_s']:.1f} CPU s
-  including the decompression, {rows[DUCKDB]['cpu_s'] / ingest_cpu:.0%} of what `ahf ingest` spends), but it casts
-  silently where `normalize_record` refuses: `1.5` becomes 2 in a BIGINT (we floor), `true` becomes 1 or `"true"`, an
-  object becomes its JSON text. A streaming DuckDB path (decompressed blocks fed through a FIFO to
-  `read_json`, every field read as JSON and its type checked with `json_type` before the cast)
-  looks like the next step: a prototype read 1M of these comments with type checks on four fields in
-  2.9 CPU s on one thread, against 5-6.7 s for Arrow's reader.
-- DuckDB cannot read the dump itself: `read_json` on the .zst fails with
-  `{result['duckdb_on_zst']}`. Decompressing to a file first took {two_steps['decompress_s']:.2f} s and
-  `read_json` into a table with the store's primary key {two_steps['read_json_insert_s']:.2f} s; it needs the
-  disk space of the whole decompressed dump and has no per-record accounting of bad input.
+- **Goal {verdict}**: `ahf ingest` runs at **{share:.0%} of the raw-decode rate** of this input end to end
+  (the goal is 50 %); against the raw decode of the real files at their own compressibility:
+  {"; ".join(real)}. The machine's load weighs on these wall-clock rates; the CPU bounds them even
+  on an idle machine: on {cores} cores its {ingest_cpu:.1f} CPU s allow at most {n / (ingest_cpu / cores):,.0f}
+  records/s with perfect overlap of its threads, {n / (ingest_cpu / cores) / rows[RAW]['rate_per_s']:.0%} of this
+  input's raw decode rate. Decoding costs {rows[RAW]['cpu_s']:.2f} CPU s; parsing the same JSON costs more with
+  every parser here: {rows[ORJSON_LOOP]['cpu_s']:.1f} CPU s for the orjson loop that builds no row at all,
+  {budget[PARSE]:.1f} s for DuckDB's reader producing checked, typed columns (the smallest of its runs).{compare_text}
+- DuckDB's own non-streaming path (row 4: decompress to a file, then `read_json` into the store's
+  table) spends {rows[DUCKDB]['cpu_s']:.1f} CPU s, {rows[DUCKDB]['cpu_s'] / ingest_cpu:.0%} of what `ahf ingest`
+  spends, but needs the disk space of the whole decompressed dump, casts silently (`1.5` becomes 2 in a
+  BIGINT, `true` becomes `"true"` in a VARCHAR) and has no per-record accounting of bad input.
+  DuckDB cannot read the dump itself: `read_json` on the .zst fails with `{result['duckdb_on_zst']}`;
+  decompressing took {two_steps['decompress_s']:.2f} s and `read_json` into the table
+  {two_steps['read_json_insert_s']:.2f} s.
 - Peak memory: a zstd frame with a 2 GiB window needs a decoder buffer of min(2 GiB, decompressed
   size), which `zstd -d` pays as well (its column), so both grow with the input up to 2 GiB and stay
   there. What `ahf ingest` uses beyond that buffer ("minus decoder window") is the pipeline: blocks in
   flight, the batch being filled and the one being written (an input of a single batch never holds
-  two), Arrow and DuckDB working memory. Between the two largest inputs it grew by {growth:,.0f} MiB per
-  million more comments: DuckDB's primary-key index (ART, ~40 bytes per id) and its cache of the
-  table's blocks, which are the store's, not the input's, to keep.
-- The ingest's summary (threads, orphans: `Store.thread_counts`) scans the whole store: ~0.8 s per
-  million stored comments, on every `ahf ingest`.
-
-## What the hot path does, and why
-
-Before and after, the library call `ingest()` on the same 1,000,000 comments (2026-11-22):
-on an idle moment the first version took 15.3 s (65k records/s, 20.2 CPU s, 1.66 GB peak RSS) and
-the current one 8.9 s (112k records/s, 15.2 CPU s, 1.30 GB); under load (5-7) 18.3-20.1 against
-11.6-13.4 CPU s.
-
-- Store: each batch is first written with a plain `INSERT`, about a third of the cost of the
-  `INSERT ... ON CONFLICT DO UPDATE` with a `QUALIFY` de-duplication (14 CPU s per 1M rows on its
-  own); a duplicate key aborts it early, the transaction is rolled back and the batch goes through
-  the upsert, which skips the `QUALIFY` when the batch has no repeated id. Re-ingesting converges as
-  before (tests/test_ingest.py).
-- DuckDB runs with half the cores during the ingest (1 here): the pipeline already keeps the cores
-  busy, and two DuckDB threads spent ~35 % more CPU per batch than one. Its own progress bar is off
-  (on a terminal it drew into the middle of the command's output).
-- A writer thread commits batch k while batch k+1 is parsed (at most one batch in flight).
-- The reader decompresses with a bounded output per call (no 30x surprises from well-compressed
-  data), copies each block once, counts its lines in the reader thread, and keeps the whole lines
-  decoded before a truncation before raising the error.
-- `normalize_block` reads from an Arrow buffer instead of a Python file object, lets Arrow parse a
-  block in two chunks in parallel, checks columns with reductions (no per-row string slicing), and
-  skips the filter that copied every column when a block holds only comments or only posts.
-  It also declines blocks with a line that is not an object: Arrow's reader crashes the process
-  (segfault) on a `null` line at the start of a parse chunk.
+  two), Arrow and DuckDB working memory. Between the two largest inputs it changed by {growth:,.0f} MiB per
+  million more comments: with no primary-key index (schema 2) nothing in it grows with the store.
 """
+    text += _HOT_PATH
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+_HOT_PATH = """
+## What the hot path does, and why
+
+Measured while developing on this machine, shared with other jobs (load 3-5 on 2 cores, so every
+figure here is ±10-20 %), each change against the one before; CPU s per million comments of the
+input above. For continuity: on the idle machine (2026-11-22, the previous version of this page)
+the version before this change took 14.2 CPU s and 8.7 s for the same input (115k records/s).
+
+- **Parser: DuckDB instead of Arrow.** Arrow's JSON reader took 4.1-5.2 CPU s per million to parse
+  (single- or multi-threaded) before any check. DuckDB's `read_json` parses (yyjson) in about 1 s
+  and reads the 19 fields as text in about 1 s more; its checks cost ~0.7 s and the export to Arrow
+  ~0.3 s. It reads each block through a named pipe in a private temporary folder (no copy on disk;
+  python-zstandard decodes, since DuckDB refuses the 2 GiB window), with the statement prepared
+  once: planning it again for every block cost ~20 ms more per block, ~0.8 s per million.
+- **No silent casts.** Every field is read as text, so DuckDB's own casts (`1.5` -> 2, `true` -> 1 or
+  `"true"`, an object -> its JSON text) never apply. A value is kept by the fast path only where the
+  record path gives the same: for text fields a JSON string or an integer of up to 18 digits (orjson
+  reads longer ones as floats); for integer fields up to 15 digits, as a number or a string (both
+  sides agree below 2^53); `true`/`false` in any case for flags; an integer or a decimal for
+  `created_utc`, floored. Anything else goes to the record path by line number, in its place among
+  the fast rows (ties between copies of an id still go to the later line). A block DuckDB refuses
+  (bad JSON, a duplicate key, a line that is not an object, a blank line) is redone line by line.
+  `tests/test_normalize.py` checks that both paths give the same rows on every real record and on
+  ~100 hand-made values, field by field; and the stores the version before and after this change
+  built from every shared file were identical, row for row (checked once, for this change).
+  Known leniency: DuckDB's reader accepts `NaN` and trailing commas, which orjson refuses; in a
+  kept field they fail the check and are counted, elsewhere in a record the row is kept (Arrow's
+  reader accepted NaN there too).
+- **Store: no primary key.** The ART index on `id` cost ~1.1 CPU s per million rows to maintain and
+  ~40 bytes per stored id, held in memory. A batch is now one plain `INSERT` once a query has found
+  no id of the batch repeated within it or already stored (a semi-join of the batch's ids against
+  the table, which DuckDB's min/max filter narrows to the row groups whose ids overlap the batch's);
+  otherwise it is merged set-wise in the same transaction (`UPDATE ... FROM` the newest copy of each
+  id, then `INSERT` of the ids not stored), by the upsert's exact rules (docs/store.md).
+- **Whole row groups per commit.** Batches of 250,000 rows left a partial row group at every
+  commit, which the checkpoint then rewrote: 0.9 CPU s per million and a 50 % larger file.
+  Batches are cut to whole row groups (245,760 rows; `--batch-rows` is rounded down).
+- **Reader: no joins.** A block is the decompressor's output buffers plus the head of the next
+  one up to its last newline, handed to the pipe as they are: two 16 MiB copies per block and their
+  page faults are gone (the reader thread went from ~1.9 to ~1.3 CPU s, of which ~0.5 s is the
+  decoder window's own page faults, which `zstd -d` pays too).
+- **No pandas.** `pa.array([])` and `Schema.empty_table()` import pandas (~0.4 CPU s) on first use;
+  the empty tables are built with `pa.nulls`.
+- **Summary.** Threads and orphans (`Store.thread_counts`) are one distinct and two anti-joins:
+  ~0.1 CPU s per million stored comments instead of 0.45-0.8.
+- DuckDB runs with one thread for parsing and half the cores for the store during the ingest: the
+  pipeline (reader, parser, writer) already keeps the cores busy.
+- Tried and dropped: a temporary DuckDB table per batch instead of Arrow between parser and store
+  (+2.2 CPU s: the rows are copied into it and out again); committing every block (+2.5 s);
+  DuckDB's `ignore_errors` to keep a bad line from failing its block (a duplicate key then keeps
+  the first value silently, where orjson keeps the last); `auto_detect=false` and a smaller
+  `maximum_object_size` for the reader, other compression methods for the store (no gain beyond
+  noise, or a 13x larger file); glibc malloc thresholds (-10 % page faults, no CPU gain).
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -531,6 +657,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                         help="before each run, wait up to SECONDS for the machine to be idle (shared machines)")
     parser.add_argument("--doc", help="also write the results as Markdown here (e.g. docs/bench/ingest.md)")
+    parser.add_argument("--compare-tree", metavar="DIR",
+                        help="also measure `ahf ingest` and the stage workers of another checkout (e.g. the commit "
+                             "before a change, from `git worktree add` or `git archive`)")
+    parser.add_argument("--compare-label", default="previous version", help="how the doc names --compare-tree")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     parser.add_argument("--from-json", metavar="FILE", help="no runs: print / --doc the results saved by --json")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)

@@ -24,7 +24,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("paths", nargs="+", help="files or directories")
     add_store_arg(p)
     p.add_argument("--no-turns", action="store_true", help="skip rebuilding threads and turns afterwards")
-    p.add_argument("--batch-rows", type=int, default=250_000, help="rows per committed transaction")
+    p.add_argument("--batch-rows", type=int, default=245_760,
+                   help="rows per committed transaction, rounded down to whole DuckDB row groups (122,880)")
     p.add_argument("--config", help="mining config YAML (default configs/mining.yaml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     add_common(p)

@@ -3,23 +3,34 @@
 Two paths give identical rows:
 - `normalize_record` handles one decoded dict, whatever its era: `created_utc` as int, float or
   string, BigQuery exports where every value is a string, `_meta` stamps, missing fields.
-- `normalize_block` parses a whole block of NDJSON with Arrow's multi-threaded JSON reader and
-  converts it column-wise. It only accepts blocks where every record is clean; anything else
-  (a bad line, a string where a number was expected, a missing id) makes it return None and the
-  caller falls back to `normalize_record` line by line, which names the line and the reason.
+- `BlockParser` reads a whole block of NDJSON with DuckDB's JSON reader (fed through a pipe, so
+  nothing is written to disk) and converts it column-wise in SQL. Every field is read as text and
+  checked against what `normalize_record` would make of it: a line with a value that a cast
+  could change (`1.5` as a score, `true` as an author, an object as a body, a bare parent id) is
+  handed back by line number and redone by `normalize_record`, which names the line and the
+  reason of a skip. A block DuckDB cannot read as one JSON object per line (bad JSON, a duplicate
+  key, a blank line, a record over 16 MiB) comes back whole, to be redone line by line.
 """
 
 from __future__ import annotations
 
+import fcntl
 import math
-import re
+import os
+import select
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.json as pajson
 
-from mining.schema import COMMENT_SCHEMA, POST_SCHEMA
+from mining.schema import COMMENT_SCHEMA, POST_SCHEMA, empty_table
 
 COMMENT, POST = "comment", "post"
 _RETRIEVAL_FIELDS = ("retrieved_on", "retrieved_utc")
@@ -56,16 +67,29 @@ class RowBuffer:
                 self._tables[kind].append(table)
                 self._count += table.num_rows
 
-    def take(self) -> tuple[pa.Table, pa.Table]:
-        """(comments, posts) in input order; empties the buffer."""
+    def take(self, limit: int | None = None) -> tuple[pa.Table, pa.Table]:
+        """(comments, posts) in input order; empties the buffer.
+
+        With `limit`, a buffer holding one kind only gives its first `limit` rows and keeps the
+        rest (zero-copy slices), so that the store receives whole row groups.
+        """
         out = []
         for kind, schema in ((COMMENT, COMMENT_SCHEMA), (POST, POST_SCHEMA)):
             self._flush_tuples(kind)
             tables = self._tables[kind]
-            out.append(pa.concat_tables(tables) if tables else schema.empty_table())
+            out.append(pa.concat_tables(tables) if tables else empty_table(schema))
             self._tables[kind] = []
         self._count = 0
-        return out[0], out[1]
+        comments, posts = out
+        if limit is not None and min(comments.num_rows, posts.num_rows) == 0:
+            kind, table = (COMMENT, comments) if comments.num_rows else (POST, posts)
+            if table.num_rows > limit:
+                rest = table.slice(limit)
+                self._tables[kind].append(rest)
+                self._count = rest.num_rows
+                table = table.slice(0, limit)
+                comments, posts = (table, posts) if kind == COMMENT else (comments, table)
+        return comments, posts
 
     def _flush_tuples(self, kind: str) -> None:
         # keep input order between the two paths: the last copy of an id in a batch wins
@@ -208,111 +232,223 @@ def normalize_record(record: Any, retrieved_default: int | None = None) -> tuple
 
 # ---------------------------------------------------------------- a block of NDJSON at once
 
-_PARSE_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("title", pa.string()),
-        ("selftext", pa.string()),
-        ("body", pa.string()),
-        ("link_id", pa.string()),
-        ("parent_id", pa.string()),
-        ("author", pa.string()),
-        ("score", pa.int64()),
-        ("created_utc", pa.float64()),
-        ("subreddit", pa.string()),
-        ("distinguished", pa.string()),
-        ("stickied", pa.bool_()),
-        ("over_18", pa.bool_()),
-        ("num_comments", pa.int64()),
-        ("link_flair_text", pa.string()),
-        ("url", pa.string()),
-        ("retrieved_on", pa.int64()),
-        ("retrieved_utc", pa.int64()),
-        ("_meta", pa.struct([("retrieved_2nd_on", pa.int64())])),
-    ]
-)
-# a line whose first non-blank character does not open an object (`null`, a number, junk)
-_LINE_NOT_AN_OBJECT = re.compile(rb"\n[ \t\r]*[^{ \t\r\n]")
-_PARSE_OPTIONS = pajson.ParseOptions(explicit_schema=_PARSE_SCHEMA, unexpected_field_behavior="ignore")
+def _unless_null(col: str, check: str) -> str:
+    # CASE, not `col IS NULL OR check`: a CASE branch runs only on the rows that reach it
+    return f"CASE WHEN {col} IS NULL THEN true ELSE {check} END"
 
 
-def normalize_block(block: bytes, expected_lines: int) -> tuple[pa.Table, pa.Table] | None:
-    """(comments, posts) for a block of complete NDJSON lines; None when it needs the slow path.
+# A text field may take a JSON string as it is, or an integer of up to 18 digits: `normalize_record`
+# writes str(int) and DuckDB's text of an integer is the same digits (orjson reads a longer one as a
+# float). Any other non-string value (true, 1.5, {...}, [...], NaN) arrives as its JSON text, which
+# is valid JSON and not such an integer: that line goes to the record path, and so does a string
+# that merely looks like one ("true", "[1]"), with the same result. The text of a non-string never
+# starts with `"`.
+def _text_ok(col: str) -> str:
+    return (f"CASE WHEN {col} IS NULL OR ascii({col}) = 34 THEN true "
+            f"WHEN json_valid({col}) THEN regexp_full_match({col}, '-?[0-9]{{1,18}}') ELSE true END")
 
-    Arrow's reader is strict about types (a string where a number is expected fails the block),
-    so a block that parses and passes the checks below gives exactly `normalize_record`'s rows.
-    The checks are whole-column reductions; the common case (a block of only comments or only
-    posts) skips the filter that would copy every column.
+
+# An integer field takes up to 15 digits, as a JSON number or a string: `normalize_record` gives the
+# same int for both (below 2**53 a string's float is exact). Anything else ("", 1.5, "1e3") goes to
+# the record path, which floors, rejects or counts it.
+def _int_ok(col: str) -> str:
+    return _unless_null(col, f"regexp_full_match({col}, '-?[0-9]{{1,15}}')")
+
+
+def _sql_int(col: str) -> str:
+    return f"TRY_CAST({col} AS BIGINT)"
+
+
+# true / false as JSON, or as a string in any case ("True"): what `normalize_record` accepts. The
+# integers 0 and 1 it also accepts are left to it: as text they look like the strings "0" and "1".
+def _flag_ok(col: str) -> str:
+    return _unless_null(col, f"lower({col}) IN ('true', 'false')")
+
+
+def _sql_flag(col: str) -> str:
+    return f"lower({col}) = 'true'"
+
+
+# created_utc is required: an integer, or a decimal that both sides floor from the same double.
+_CREATED_OK = r"regexp_full_match(created_utc, '-?[0-9]{1,15}(\.[0-9]+)?')"
+_CREATED = ("CASE WHEN contains(created_utc, '.') THEN TRY_CAST(floor(TRY_CAST(created_utc AS DOUBLE)) AS BIGINT) "
+            "ELSE TRY_CAST(created_utc AS BIGINT) END")
+_STAMPS = ("retrieved_on", "retrieved_utc", "_meta.retrieved_2nd_on")
+_STAMPS_OK = " AND ".join(_int_ok(c) for c in _STAMPS)
+_RETRIEVED = f"greatest({', '.join(_sql_int(c) for c in _STAMPS)})"  # NULLs are skipped, as in _retrieved
+_ID_OK = f"id <> '' AND {_text_ok('id')}"  # an empty id makes the record path look for `name`
+_LINK_OK = ("CASE WHEN prefix(link_id, 't1_') OR prefix(link_id, 't3_') THEN true "
+            f"ELSE link_id <> '' AND {_text_ok('link_id')} END")  # a bare link id means a post
+_LINK = "CASE WHEN prefix(link_id, 't1_') OR prefix(link_id, 't3_') THEN link_id ELSE 't3_' || link_id END"
+_PARENT_OK = "(prefix(parent_id, 't1_') OR prefix(parent_id, 't3_'))"  # a bare parent id is ambiguous
+
+_COMMENT_OK = " AND ".join([
+    _ID_OK, _LINK_OK, _PARENT_OK, _CREATED_OK, _STAMPS_OK, _int_ok("score"), _flag_ok("stickied"),
+    *(_text_ok(c) for c in ("author", "body", "subreddit", "distinguished")),
+])
+_POST_OK = " AND ".join([
+    _ID_OK, _CREATED_OK, _STAMPS_OK, _int_ok("score"), _int_ok("num_comments"), _flag_ok("over_18"),
+    *(_text_ok(c) for c in ("title", "selftext", "author", "subreddit", "link_flair_text", "url")),
+])
+_KEYS = ("id", "title", "selftext", "body", "link_id", "parent_id", "author", "score", "created_utc",
+         "subreddit", "distinguished", "stickied", "over_18", "num_comments", "link_flair_text", "url",
+         "retrieved_on", "retrieved_utc")
+_COLUMNS = "{" + ", ".join(f"'{k}': 'VARCHAR'" for k in _KEYS) + ", '_meta': 'STRUCT(retrieved_2nd_on VARCHAR)'}"
+# The store columns of both kinds, then the record kind as `record_kind` decides it, and whether the
+# fast path may keep the row.
+_SELECT = f"""
+SELECT id, title, selftext, body, {_LINK} AS link_id, parent_id, author, {_sql_int('score')} AS score,
+       {_CREATED} AS created_utc, subreddit, distinguished, {_sql_flag('stickied')} AS stickied,
+       {_sql_flag('over_18')} AS over_18, {_sql_int('num_comments')} AS num_comments, link_flair_text, url,
+       {_RETRIEVED} AS retrieved_utc, title IS NOT NULL AS is_post,
+       coalesce(CASE WHEN title IS NOT NULL THEN {_POST_OK}
+                     WHEN body IS NOT NULL OR parent_id IS NOT NULL THEN {_COMMENT_OK}
+                     ELSE false END, false) AS ok
+FROM read_json('{{path}}', format = 'newline_delimited', compression = 'none', columns = {_COLUMNS})
+"""
+_F_SETPIPE_SZ = 1031  # Linux: a 1 MiB pipe buffer means fewer switches between the two ends
+
+
+@dataclass
+class ParsedBlock:
+    """The rows DuckDB took from a block, and the lines (0-based in the block) it left to the record path."""
+
+    comments: pa.Table
+    posts: pa.Table
+    slow: np.ndarray  # sorted line indices
+    _parts: Sequence[bytes | memoryview]
+    _ok_comment: np.ndarray | None = None
+    _ok_post: np.ndarray | None = None
+    _data: bytes = b""
+    _line_ends: np.ndarray | None = None
+
+    def pieces(self) -> Iterator[tuple[pa.Table, pa.Table] | int]:
+        """In line order: (comments, posts) slices of fast rows, and the index of each slow line between them."""
+        if not len(self.slow):
+            yield self.comments, self.posts
+            return
+        comments_upto = np.cumsum(self._ok_comment)  # fast rows of each kind up to each line
+        posts_upto = np.cumsum(self._ok_post)
+        c_start = p_start = 0
+        for line in self.slow:
+            c_end, p_end = int(comments_upto[line]), int(posts_upto[line])
+            yield self.comments.slice(c_start, c_end - c_start), self.posts.slice(p_start, p_end - p_start)
+            yield int(line)
+            c_start, p_start = c_end, p_end
+        yield self.comments.slice(c_start), self.posts.slice(p_start)
+
+    def line(self, index: int) -> bytes:
+        """The raw bytes of line `index` (0-based in the block), without its newline."""
+        if self._line_ends is None:  # joined once, and only for a block with slow lines
+            self._data = b"".join(self._parts)
+            self._line_ends = np.flatnonzero(np.frombuffer(self._data, np.uint8) == 10)
+        start = int(self._line_ends[index - 1]) + 1 if index else 0
+        return self._data[start:int(self._line_ends[index])]
+
+
+class BlockParser:
+    """Parses NDJSON blocks with DuckDB's JSON reader: an in-memory connection reading a private FIFO.
+
+    Use as a context manager (it owns a temporary directory with the FIFO) from one thread.
     """
-    if block.lstrip(b" \t\r")[:1] not in (b"{", b"\n") or _LINE_NOT_AN_OBJECT.search(block):
-        return None  # Arrow crashes (segfault) on a `null` line at the start of a parse chunk
-    try:
-        table = pajson.read_json(
-            pa.BufferReader(block),
-            read_options=pajson.ReadOptions(use_threads=True, block_size=_parse_chunk_bytes(len(block))),
-            parse_options=_PARSE_OPTIONS,
-        )
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        return None
-    if table.num_rows != expected_lines:
-        return None  # blank lines or a JSON value that is not one object per line
-    ids = table["id"]
-    created = table["created_utc"]
-    if ids.null_count or created.null_count:
-        return None
-    if pc.min(pc.binary_length(ids)).as_py() == 0:  # "" is no id (the slow path looks for `name`)
-        return None
-    if not pc.all(pc.is_finite(created)).as_py():
-        return None
-    n_posts = table.num_rows - table["title"].null_count
-    if n_posts == 0:
-        comments, posts = table, None
-    elif n_posts == table.num_rows:
-        comments, posts = None, table
-    else:
-        is_post = pc.is_valid(table["title"])
-        comments, posts = table.filter(pc.invert(is_post)), table.filter(is_post)
-    if comments is not None and not _clean_comment_ids(comments):
-        return None
-    try:
-        return _select(comments, COMMENT_SCHEMA), _select(posts, POST_SCHEMA)
-    except pa.ArrowInvalid:  # a created_utc beyond BIGINT: the slow path names it
-        return None
+
+    def __init__(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="ahf-blocks-")
+        self._fifo = os.path.join(self._dir, "block.ndjson")
+        os.mkfifo(self._fifo, 0o600)
+        self._con = duckdb.connect()
+        # one thread: the ingest runs the decompressor and the store writer beside it
+        self._con.execute("SET threads = 1")
+        self._con.execute("SET enable_progress_bar = false")
+        self._con.execute("SET enable_external_file_cache = false")
+        # prepared once: planning this statement costs more than reading a small block
+        path = self._fifo.replace("'", "''")
+        self._con.execute("PREPARE parse_block AS " + _SELECT.replace("{path}", path))
+
+    def __enter__(self) -> BlockParser:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._con.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def parse(self, block: bytes | Sequence[bytes | memoryview], n_lines: int) -> ParsedBlock | None:
+        """The block's rows, or None when DuckDB cannot read it as `n_lines` JSON objects.
+
+        `block` is bytes, or parts whose concatenation is the block (`LineBlock.parts`).
+        """
+        parts = [block] if isinstance(block, (bytes, bytearray, memoryview)) else block
+        writer = threading.Thread(target=self._feed, args=(parts,), name="block-feed", daemon=True)
+        writer.start()
+        try:
+            table = self._con.sql("EXECUTE parse_block").to_arrow_table()
+        except duckdb.Error:
+            return None  # bad JSON, a duplicate key, a line that is not an object, a huge record
+        finally:
+            self._drain(writer)
+        if table.num_rows != n_lines:
+            return None  # blank lines: DuckDB skips them, so rows no longer match lines
+        return _split(table, parts)
+
+    def _feed(self, parts: Sequence[bytes | memoryview]) -> None:
+        try:
+            with open(self._fifo, "wb", buffering=0) as pipe:
+                try:
+                    fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, 1 << 20)
+                except OSError:
+                    pass  # not Linux, or above /proc/sys/fs/pipe-max-size: the default buffer works too
+                for part in parts:
+                    view = memoryview(part)
+                    while view:
+                        view = view[pipe.write(view):]
+        except BrokenPipeError:  # Python ignores SIGPIPE: a write to a closed pipe raises instead
+            pass  # DuckDB stopped reading: it failed on this block, and parse() says so
+
+    def _drain(self, writer: threading.Thread) -> None:
+        """Let the feeding thread finish when DuckDB did not read the block to its end."""
+        writer.join(0.0)
+        if not writer.is_alive():
+            return
+        fd = os.open(self._fifo, os.O_RDONLY | os.O_NONBLOCK)  # also frees a writer waiting in open()
+        try:
+            while writer.is_alive():
+                select.select([fd], [], [], 0.05)
+                try:
+                    os.read(fd, 1 << 20)
+                except BlockingIOError:
+                    pass
+        finally:
+            os.close(fd)
+        writer.join()
 
 
-def _parse_chunk_bytes(size: int) -> int:
-    # Arrow parses chunks of one block in parallel: two chunks keep both cores of a small machine
-    # busy while the store writes the previous batch; chunks stay large so few records straddle.
-    return max(1 << 20, size // 2 + 1)
-
-
-def _clean_comment_ids(comments: pa.Table) -> bool:
-    """Every comment has a `t3_` link_id and a `t1_`/`t3_` parent_id (what `_fullname` accepts as is).
-
-    A non-null parent_id also makes every row a comment for `record_kind`, so no body check is needed.
-    """
-    link, parent = comments["link_id"], comments["parent_id"]
-    if link.null_count or parent.null_count:
-        return False
-    if not pc.all(pc.starts_with(link, "t3_")).as_py():
-        return False
-    return pc.all(pc.or_(pc.starts_with(parent, "t1_"), pc.starts_with(parent, "t3_"))).as_py()
-
-
-def _retrieved_column(table: pa.Table) -> pa.ChunkedArray:
-    second = pc.struct_field(table["_meta"], "retrieved_2nd_on")
-    return pc.max_element_wise(table["retrieved_on"], table["retrieved_utc"], second, skip_nulls=True)
+def _split(table: pa.Table, block: Sequence[bytes | memoryview]) -> ParsedBlock:
+    ok, is_post = table["ok"], table["is_post"]
+    n_posts = pc.sum(is_post).as_py() or 0
+    if pc.all(ok).as_py() and n_posts in (0, table.num_rows):  # the usual block: one kind, all clean
+        comments, posts = (None, table) if n_posts else (table, None)
+        return ParsedBlock(_select(comments, COMMENT_SCHEMA), _select(posts, POST_SCHEMA),
+                           np.empty(0, np.int64), block)
+    ok_comment, ok_post = pc.and_(ok, pc.invert(is_post)), pc.and_(ok, is_post)
+    return ParsedBlock(
+        _select(table.filter(ok_comment), COMMENT_SCHEMA), _select(table.filter(ok_post), POST_SCHEMA),
+        np.flatnonzero(~ok.to_numpy(zero_copy_only=False)), block,
+        ok_comment.to_numpy(zero_copy_only=False), ok_post.to_numpy(zero_copy_only=False))
 
 
 def _select(table: pa.Table | None, schema: pa.Schema) -> pa.Table:
     if table is None or table.num_rows == 0:
-        return schema.empty_table()
-    columns = []
-    for name in schema.names:
-        if name == "created_utc":
-            columns.append(pc.cast(pc.floor(table[name]), pa.int64()))
-        elif name == "retrieved_utc":
-            columns.append(_retrieved_column(table))
-        else:
-            columns.append(table[name])
-    return pa.table(columns, schema=schema)
+        return empty_table(schema)
+    return pa.table([table[name] for name in schema.names], schema=schema)
+
+
+def normalize_block(block: bytes, expected_lines: int) -> tuple[pa.Table, pa.Table] | None:
+    """(comments, posts) when the fast path takes every line of the block, else None (tests, benchmarks)."""
+    with BlockParser() as parser:
+        parsed = parser.parse(block, expected_lines)
+    if parsed is None or len(parsed.slow):
+        return None
+    return parsed.comments, parsed.posts

@@ -62,5 +62,10 @@ def base36(n: int) -> str:
             return out
 
 
+def empty_table(schema: pa.Schema) -> pa.Table:
+    # not schema.empty_table() nor pa.array([]): both import pandas (~0.5 s) on their first call
+    return pa.Table.from_arrays([pa.nulls(0, f.type) for f in schema], schema=schema)
+
+
 def duckdb_type(arrow_type: pa.DataType) -> str:
     return {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.bool_(): "BOOLEAN"}[arrow_type]

@@ -1,4 +1,4 @@
-"""Ingestion on the real shared files: exact accounting, idempotency, crash safety."""
+"""Ingestion on the real shared files: exact accounting, idempotency, crash safety, the store's merge."""
 
 from __future__ import annotations
 
@@ -10,19 +10,28 @@ import sys
 import time
 from pathlib import Path
 
+import duckdb
 import orjson
 import pytest
 import zstandard
 
-from mining.ingest import ingest
-from mining.store import Store
+from mining.ingest import DEFAULT_BATCH_ROWS, ingest, whole_row_groups
+from mining.normalize import COMMENT, POST, RowBuffer, normalize_record
+from mining.schema import COMMENT_SCHEMA, POST_SCHEMA
+from mining.store import ROW_GROUP_ROWS, Store
 
 RC_2005 = "pushshift/RC_2005-12.zst"
 
 
 def _fingerprint(store_dir: Path) -> str:
-    """Row count and a sum of per-row hashes of both tables: equal stores give equal fingerprints."""
+    """Row count and a sum of per-row hashes of both tables: equal stores give equal fingerprints.
+
+    Also checks the store's invariant, which no index enforces: one row per id.
+    """
     with Store(store_dir, read_only=True) as store:
+        for table in ("comments", "posts"):
+            rows, ids = store.con.execute(f"SELECT count(*), count(DISTINCT id) FROM {table}").fetchone()
+            assert rows == ids, f"{table}: {rows - ids} repeated ids"
         return str([store.con.execute(f"SELECT count(*), sum(hash(t)) FROM {table} t").fetchone()
                     for table in ("comments", "posts")])
 
@@ -72,6 +81,9 @@ def test_reingest_is_idempotent(shared_data, tmp_path):
     ingest([shared_data / RC_2005], tmp_path / "b")
     ingest([shared_data / RC_2005], tmp_path / "b")
     assert _fingerprint(tmp_path / "a") == _fingerprint(tmp_path / "b")
+    # in small batches too: every batch after the first meets stored ids
+    ingest([shared_data / RC_2005], tmp_path / "b", batch_rows=100)
+    assert _fingerprint(tmp_path / "a") == _fingerprint(tmp_path / "b")
 
 
 def _write_ndjson(path: Path, records: list[dict]) -> Path:
@@ -96,6 +108,85 @@ def test_newest_retrieval_wins_in_either_order(tmp_path):
     ingest([same], tmp_path / "s3")
     with Store(tmp_path / "s3", read_only=True) as s:
         assert s.con.execute("SELECT body FROM comments").fetchall() == [("b3",)]
+
+
+def test_newer_copy_updates_mutable_columns_and_keeps_the_rest(tmp_path):
+    """As the upsert always did: a stored row takes score, body, author... from a newer copy and keeps
+    link_id, parent_id, created_utc and subreddit as created; within one batch the newest copy wins whole."""
+    first = {"id": "c1", "link_id": "t3_p1", "parent_id": "t3_p1", "author": "a", "body": "first", "score": 1,
+             "created_utc": 100, "subreddit": "s", "stickied": False, "retrieved_on": 200}
+    later = {**first, "link_id": "t3_p2", "parent_id": "t1_x", "author": "b", "body": "edited", "score": 9,
+             "created_utc": 999, "subreddit": "other", "stickied": True, "distinguished": "moderator",
+             "retrieved_on": 900}
+    columns = ("id, link_id, parent_id, author, body, score, created_utc, subreddit, distinguished, stickied, "
+               "retrieved_utc")
+    a = _write_ndjson(tmp_path / "a.ndjson", [first, {**first, "id": "c2"}])
+    b = _write_ndjson(tmp_path / "b.ndjson", [later, {**later, "id": "c3"}])
+    ingest([a, b], tmp_path / "two-files")
+    with Store(tmp_path / "two-files", read_only=True) as s:
+        assert s.con.execute(f"SELECT {columns} FROM comments ORDER BY id").fetchall() == [
+            ("c1", "t3_p1", "t3_p1", "b", "edited", 9, 100, "s", "moderator", True, 900),
+            ("c2", "t3_p1", "t3_p1", "a", "first", 1, 100, "s", None, False, 200),
+            ("c3", "t3_p2", "t1_x", "b", "edited", 9, 999, "other", "moderator", True, 900)]
+    one = _write_ndjson(tmp_path / "one.ndjson", [first, later])
+    ingest([one], tmp_path / "one-batch")
+    with Store(tmp_path / "one-batch", read_only=True) as s:
+        assert s.con.execute(f"SELECT {columns} FROM comments").fetchall() == [
+            ("c1", "t3_p2", "t1_x", "b", "edited", 9, 999, "other", "moderator", True, 900)]
+    _fingerprint(tmp_path / "two-files")
+
+
+def test_thread_counts_equal_the_direct_definition(shared_data, tmp_path):
+    """The summary's joins against the plain definition, on a store with posts, comments and orphans."""
+    ingest([shared_data / "pushshift", shared_data / "reddit-api"], tmp_path / "store")
+    with Store(tmp_path / "store", read_only=True) as store:
+        counts = store.thread_counts()
+        threads, orphans, without_post = store.con.execute(
+            """
+            WITH ids AS (SELECT 't3_' || id AS link_id FROM posts UNION SELECT link_id FROM comments)
+            SELECT (SELECT count(*) FROM ids),
+                   (SELECT count(*) FROM comments c WHERE c.parent_id LIKE 't1\\_%' ESCAPE '\\'
+                      AND NOT EXISTS (SELECT 1 FROM comments p WHERE p.id = substr(c.parent_id, 4))),
+                   (SELECT count(DISTINCT c.link_id) FROM comments c
+                      WHERE NOT EXISTS (SELECT 1 FROM posts p WHERE p.id = substr(c.link_id, 4)))
+            """).fetchone()
+    assert counts == {"threads": threads, "orphans": orphans, "threads_without_post": without_post}
+    assert threads > 400 and orphans >= 15 and 0 < without_post < threads
+
+
+def test_batches_are_whole_row_groups():
+    assert DEFAULT_BATCH_ROWS == 2 * ROW_GROUP_ROWS
+    assert [whole_row_groups(n) for n in (1, 10_000, ROW_GROUP_ROWS, 250_000, 400_000)] == [
+        1, 10_000, ROW_GROUP_ROWS, 2 * ROW_GROUP_ROWS, 3 * ROW_GROUP_ROWS]
+    row = normalize_record({"id": "c1", "link_id": "t3_p", "parent_id": "t3_p", "created_utc": 1})[1]
+    buffer = RowBuffer()
+    for i in range(7):
+        buffer.add_row(COMMENT, (f"c{i}", *row[1:]))
+    comments, posts = buffer.take(5)  # one kind: exactly the first five, the rest stays
+    assert comments["id"].to_pylist() == [f"c{i}" for i in range(5)] and posts.schema == POST_SCHEMA
+    assert len(buffer) == 2
+    buffer.add_row(POST, normalize_record({"id": "p1", "title": "t", "created_utc": 1})[1])
+    comments, posts = buffer.take(1)  # two kinds: everything, in order within each kind
+    assert comments["id"].to_pylist() == ["c5", "c6"] and posts["id"].to_pylist() == ["p1"]
+    assert len(buffer) == 0 and buffer.take()[0].schema == COMMENT_SCHEMA
+
+
+def test_a_store_from_before_schema_2_still_ingests(shared_data, tmp_path):
+    """Stores created with a PRIMARY KEY on id (schema 1) keep it, and merge the same way."""
+    old = tmp_path / "old"
+    old.mkdir()
+    con = duckdb.connect(str(old / "ahf.duckdb"))
+    for table, schema in (("comments", COMMENT_SCHEMA), ("posts", POST_SCHEMA)):
+        types = {"string": "VARCHAR", "int64": "BIGINT", "bool": "BOOLEAN"}
+        columns = ", ".join(f"{f.name} {types[str(f.type)]}{' PRIMARY KEY' if f.name == 'id' else ''}" for f in schema)
+        con.execute(f"CREATE TABLE {table} ({columns})")
+    con.execute("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    con.close()
+    for _ in range(2):
+        ingest([shared_data / RC_2005, shared_data / "pushshift/schema-drift"], old)
+    ingest([shared_data / RC_2005, shared_data / "pushshift/schema-drift"], tmp_path / "new")
+    assert _fingerprint(old) == _fingerprint(tmp_path / "new")
 
 
 def test_bad_records_are_counted_with_their_line(tmp_path):
@@ -148,10 +239,15 @@ def test_kill_minus_9_then_rerun_equals_one_clean_run(tmp_path):
     source = _big_comment_file(tmp_path / "big.zst", 300_000)
     clean = tmp_path / "clean"
     ingest([source], clean)
+    with Store(clean, read_only=True) as store:  # batches of whole row groups: none rewritten later
+        groups = store.con.execute(
+            "SELECT count(DISTINCT row_group_id) FROM pragma_storage_info('comments')").fetchone()[0]
+    assert groups == 3  # 122,880 + 122,880 + 54,240
     crashed = tmp_path / "crashed"
     command = [sys.executable, "-m", "ahf.cli", "ingest", str(source), "--store", str(crashed),
                "--batch-rows", "10000", "--no-turns", "--json"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the killed run's pipe folder stays under tmp_path
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     db = crashed / "ahf.duckdb"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (db.exists() and db.stat().st_size > 2_000_000):
@@ -161,7 +257,7 @@ def test_kill_minus_9_then_rerun_equals_one_clean_run(tmp_path):
     with Store(crashed, read_only=True) as store:
         partial = store.count("comments")
     assert 0 < partial < 300_000
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, timeout=300)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, timeout=300, env=env)
     assert _fingerprint(crashed) == _fingerprint(clean)
 
 

@@ -1,16 +1,20 @@
-"""The fast block path (`normalize_block`, Arrow) against the per-record path (`normalize_record`).
+"""The fast block path (`BlockParser`, DuckDB) against the per-record path (`normalize_record`).
 
-On every record of the real files the two give the same rows in the same order; a block the fast
-path cannot take (schema drift, a bad line) comes back as None and is redone line by line, where
-every skip is counted with its reason and line. Also: the readers behind them (block cutting and
-line numbers, truncated and concatenated zstd, gzip / bz2 / xz).
+On every record of the real files the two give the same rows in the same order. A line with a
+value a cast could change comes back by line number and is redone by the record path; a block
+DuckDB cannot read as one object per line (bad JSON, a duplicate key, a blank line) comes back
+whole and is redone line by line; either way every skip is counted with its reason and line.
+Also: the readers behind them (block cutting and line numbers, truncated and concatenated zstd,
+gzip / bz2 / xz).
 """
 
 from __future__ import annotations
 
 import bz2
 import gzip
+import json
 import lzma
+from collections import Counter
 from pathlib import Path
 
 import orjson
@@ -18,7 +22,7 @@ import pytest
 import zstandard
 
 from mining.ingest import ingest
-from mining.normalize import COMMENT, POST, SkipRecord, normalize_block, normalize_record
+from mining.normalize import COMMENT, POST, BlockParser, SkipRecord, normalize_block, normalize_record
 from mining.readers import LineBlock, read_items, split_lines
 from mining.store import Store
 
@@ -97,19 +101,14 @@ def test_blocks_as_the_reader_cuts_them_give_the_same_rows(shared_data, name):
 
 
 @pytest.mark.parametrize("name", DRIFT)
-def test_schema_drift_lines_are_fast_and_equal_or_fall_back(shared_data, name):
-    """Line by line over 2005-2024 records: the fast path either declines or gives the same row."""
+def test_schema_drift_lines_all_take_the_fast_path_with_the_same_rows(shared_data, name):
+    """2005-2024 records (created_utc as int, float or string; `_meta` stamps): every line is fast and equal."""
     lines = _lines(shared_data / name)
-    taken = 0
+    assert any(isinstance(orjson.loads(line)["created_utc"], str) for line in lines)
+    assert any(isinstance(orjson.loads(line)["created_utc"], float) for line in lines)
     for line in lines:
-        fast = _fast([line])
-        if fast is not None:
-            taken += 1
-            assert fast == _reference([line]), line[:200]
-    # most eras parse directly; the ones with created_utc as a string fall back
-    string_created = sum(isinstance(orjson.loads(line)["created_utc"], str) for line in lines)
-    assert taken == len(lines) - string_created
-    assert _fast(lines) is None  # the whole file mixes types: one block falls back as a whole
+        assert _fast([line]) == _reference([line]), line[:200]
+    assert _fast(lines) == _reference(lines)  # and as one block mixing the eras
 
 
 def test_mixed_block_keeps_order_within_each_kind(shared_data):
@@ -141,11 +140,7 @@ def test_created_utc_as_int_float_or_string(created, tmp_path):
     record = {**COMMENT_BASE, "created_utc": created}
     kind, row = normalize_record(record)
     assert kind == COMMENT and row[6] == 1134365188
-    fast = _fast([orjson.dumps(record)])
-    if isinstance(created, str):
-        assert fast is None  # Arrow will not read a string as a number: the record path does
-    else:
-        assert fast == {COMMENT: [row], POST: []}
+    assert _fast([orjson.dumps(record)]) == {COMMENT: [row], POST: []}  # a string or a float too
     ingest([_write_ndjson(tmp_path / "c.ndjson", [record])], tmp_path / "store")
     assert _store_rows(tmp_path / "store", "comments")[0][6] == 1134365188
 
@@ -154,8 +149,8 @@ def test_bigquery_all_string_values(shared_data, tmp_path):
     """The real BigQuery export (every value a string): same rows as a JSON array and as NDJSON."""
     records = orjson.loads((shared_data / "bigquery/r_MachineLearning_82ymmx.json").read_bytes())
     assert all(isinstance(v, str) for r in records for v in r.values() if v is not None)
-    assert _fast([orjson.dumps(r) for r in records]) is None
     rows = [normalize_record(r)[1] for r in records]
+    assert _fast([orjson.dumps(r) for r in records]) == {COMMENT: rows, POST: []}  # numbers as strings too
     by_id = {row[0]: row for row in rows}
     assert by_id["dveh7r5"][5:7] == (1, 1520550110) and by_id["dveh7r5"][10] == 1524963292
     as_lines = _write_ndjson(tmp_path / "bq.ndjson", records)
@@ -250,6 +245,165 @@ def test_line_numbers_across_blocks(shared_data, tmp_path):
     report = ingest([path], tmp_path / "store")
     assert report.files[0].skip_examples == {"bad_json": [f"{path}:701"]}
     assert (report.records_read, report.ingested) == (1075, 1074)
+
+
+# ---------------------------------------------------------------- what the fast path may take
+
+POST_BASE = {"id": "p1", "title": "a title", "selftext": "text", "author": "a", "score": 5,
+             "created_utc": 1134365188, "subreddit": "s", "over_18": False, "num_comments": 3,
+             "link_flair_text": None, "url": "https://example.com", "retrieved_on": 1473738411}
+FAST, SLOW = True, False
+# (base, field, value, whether the fast path keeps it): values a cast could change go to the
+# record path; the ones it keeps must give exactly the record path's row.
+CASES = [
+    *((COMMENT_BASE, "author", v, SLOW) for v in (True, False, 1.5, {"a": 1}, [1], "true", "[1, 2]", "-1.5")),
+    *((COMMENT_BASE, "author", v, FAST) for v in (7, -7, "7", "[deleted]", '"quoted"', "", None,
+                                                  123456789012345678, "t", "{not json")),
+    (COMMENT_BASE, "author", 12345678901234567890123, SLOW),  # orjson reads it as a float
+    (COMMENT_BASE, "body", '{"a": 1}', SLOW), (COMMENT_BASE, "body", "null", SLOW),
+    (COMMENT_BASE, "subreddit", 3.0, SLOW), (COMMENT_BASE, "distinguished", True, SLOW),
+    (COMMENT_BASE, "distinguished", "moderator", FAST),
+    (COMMENT_BASE, "id", 123, FAST), (COMMENT_BASE, "id", "", SLOW), (COMMENT_BASE, "id", True, SLOW),
+    (COMMENT_BASE, "id", None, SLOW),
+    *((COMMENT_BASE, "score", v, FAST) for v in (3, -3, "3", "007", None)),
+    *((COMMENT_BASE, "score", v, SLOW) for v in (1.5, "1.5", True, "", "abc", 2**63, 1e3, " 3", "+3",
+                                                 "1e3", 10**15)),
+    *((COMMENT_BASE, "created_utc", v, FAST) for v in (1134365188, 1134365188.9, "1134365188",
+                                                       "1134365188.7", -5.5, 0)),
+    *((COMMENT_BASE, "created_utc", v, SLOW) for v in ("1.1e9", True, None, "", "x", 1e300, "1_134")),
+    *((COMMENT_BASE, "stickied", v, FAST) for v in (True, False, "true", "True", "FALSE", None)),
+    *((COMMENT_BASE, "stickied", v, SLOW) for v in (1, 0, "1", "yes", 1.0)),
+    *((COMMENT_BASE, "link_id", v, FAST) for v in ("t3_x", "t1_x", "x", 5)),
+    *((COMMENT_BASE, "link_id", v, SLOW) for v in (True, "", None, 1.5)),
+    *((COMMENT_BASE, "parent_id", v, SLOW) for v in ("x", None, "", 5, "T1_x")),
+    (COMMENT_BASE, "retrieved_on", "1473738411", FAST), (COMMENT_BASE, "retrieved_on", 1.5, SLOW),
+    (COMMENT_BASE, "retrieved_utc", 1500000000, FAST),
+    *((COMMENT_BASE, "_meta", v, FAST) for v in ({"retrieved_2nd_on": 1500000000}, {"retrieved_2nd_on": "1500000000"},
+                                                 {}, None, {"note": "x"})),
+    *((COMMENT_BASE, "_meta", v, SLOW) for v in ({"retrieved_2nd_on": 1.5}, {"retrieved_2nd_on": True}, "s", [1])),
+    *((POST_BASE, "title", v, FAST) for v in ("t", 5, "")),
+    *((POST_BASE, "title", v, SLOW) for v in (True, {"a": 1})),
+    (POST_BASE, "over_18", "false", FAST), (POST_BASE, "over_18", 0, SLOW),
+    (POST_BASE, "num_comments", "3", FAST), (POST_BASE, "num_comments", 2.5, SLOW),
+    (POST_BASE, "url", {"x": 1}, SLOW), (POST_BASE, "link_flair_text", "Flair", FAST),
+    (POST_BASE, "selftext", False, SLOW),
+]
+
+
+def _case_line(i: int, base: dict, field: str, value) -> bytes:
+    record = {**base, "id": f"{base['id']}{i}", field: value}
+    return json.dumps(record).encode()  # not orjson: it refuses integers beyond 64 bits
+
+
+def _outcome(line: bytes):
+    """What the record path alone makes of one line: (kind, row) or the skip reason."""
+    try:
+        return normalize_record(orjson.loads(line))
+    except orjson.JSONDecodeError:
+        return "bad_json"
+    except SkipRecord as skip:
+        return skip.reason
+
+
+@pytest.mark.parametrize("i", range(len(CASES)))
+def test_fast_path_keeps_a_value_only_if_the_record_path_gives_the_same_row(i):
+    base, field, value, fast = CASES[i]
+    line = _case_line(i, base, field, value)
+    expected = _outcome(line)
+    with BlockParser() as parser:
+        parsed = parser.parse(line + b"\n", 1)
+    if fast:
+        assert parsed is not None and not len(parsed.slow), (field, value)
+        kind, row = expected
+        table = parsed.comments if kind == COMMENT else parsed.posts
+        assert [tuple(r.values()) for r in table.to_pylist()] == [row], (field, value)
+        assert (parsed.posts if kind == COMMENT else parsed.comments).num_rows == 0
+    else:  # handed back: the whole block (DuckDB refused it) or the line
+        assert parsed is None or list(parsed.slow) == [0], (field, value, expected)
+
+
+def test_every_case_ingested_together_equals_the_record_path(tmp_path):
+    """All the cases above in one file, fast and slow lines mixed: the same rows and skips."""
+    lines = [_case_line(i, base, field, value) for i, (base, field, value, _) in enumerate(CASES)]
+    lines += [b'{"id": "nan1", "link_id": "t3_p1", "parent_id": "t3_p1", "created_utc": 1, "score": NaN}',
+              b"null", b'{"id": "u1", "created_utc": 1}']  # NaN in a kept field, not an object, no kind
+    outcomes = [_outcome(line) for line in lines]
+    # without the `_meta` values DuckDB refuses outright, the block mixes fast rows and slow lines
+    kept = [line for line, (_, field, value, _) in zip(lines, CASES)
+            if field != "_meta" or isinstance(value, dict) or value is None]
+    with BlockParser() as parser:
+        parsed = parser.parse(b"".join(line + b"\n" for line in kept), len(kept))
+    assert parsed.comments.num_rows > 30 and parsed.posts.num_rows > 3 and len(parsed.slow) > 50
+    for name, subset in (("all", lines), ("kept", kept)):
+        path = tmp_path / f"{name}.ndjson"
+        path.write_bytes(b"".join(line + b"\n" for line in subset))
+        report = ingest([path], tmp_path / f"store-{name}")
+        wanted = [_outcome(line) for line in subset]
+        assert report.files[0].skipped == Counter(o for o in wanted if isinstance(o, str)), name
+        rows = {kind: sorted(row for k, row in (o for o in wanted if not isinstance(o, str)) if k == kind)
+                for kind in (COMMENT, POST)}
+        assert _store_rows(tmp_path / f"store-{name}", "comments") == rows[COMMENT], name
+        assert _store_rows(tmp_path / f"store-{name}", "posts") == rows[POST], name
+    assert "bad_json" in outcomes and "not_an_object" in outcomes and "unknown_kind" in outcomes
+
+
+def test_slow_lines_keep_their_place_among_fast_rows(tmp_path):
+    """A line redone by the record path sits where it was: on equal stamps the later line still wins."""
+    fast = {**COMMENT_BASE, "id": "x", "body": "fast", "retrieved_on": 500}
+    slow = {**COMMENT_BASE, "id": "x", "body": "slow", "score": 2.5, "retrieved_on": 500}  # 2.5: record path
+    for order, winner in (((fast, slow), "slow"), ((slow, fast), "fast")):
+        records = [{**COMMENT_BASE, "id": "a"}, *order, {**COMMENT_BASE, "id": "b"}]
+        path = _write_ndjson(tmp_path / f"{winner}.ndjson", records)
+        ingest([path], tmp_path / f"store-{winner}")
+        rows = _store_rows(tmp_path / f"store-{winner}", "comments")
+        assert [(r[0], r[4]) for r in rows] == [("a", "hello"), ("b", "hello"), ("x", winner)]
+    # the pieces of a mixed block, in line order
+    records = [{**COMMENT_BASE, "id": "c1"}, {**POST_BASE, "id": "p1"}, {**COMMENT_BASE, "id": "c2", "score": 1.5},
+               {**COMMENT_BASE, "id": "c3"}, {**POST_BASE, "id": "p2", "over_18": 1}, {**POST_BASE, "id": "p3"}]
+    block = b"".join(orjson.dumps(r) + b"\n" for r in records)
+    with BlockParser() as parser:
+        parsed = parser.parse(block, len(records))
+        pieces = [p if isinstance(p, int) else (p[0]["id"].to_pylist(), p[1]["id"].to_pylist())
+                  for p in parsed.pieces()]
+        assert pieces == [(["c1"], ["p1"]), 2, (["c3"], []), 4, ([], ["p3"])]
+        assert orjson.loads(parsed.line(2))["id"] == "c2" and orjson.loads(parsed.line(4))["id"] == "p2"
+
+
+def test_a_duplicate_key_sends_the_block_to_the_record_path(tmp_path):
+    """DuckDB refuses a repeated key; orjson keeps the last value, and so does the store."""
+    line = orjson.dumps({**COMMENT_BASE, "id": "d1"})[:-1] + b', "body": "second"}'
+    with BlockParser() as parser:
+        assert parser.parse(orjson.dumps(COMMENT_BASE) + b"\n" + line + b"\n", 2) is None
+    path = tmp_path / "dup.ndjson"
+    path.write_bytes(orjson.dumps(COMMENT_BASE) + b"\n" + line + b"\n")
+    ingest([path], tmp_path / "store")
+    assert [(r[0], r[4]) for r in _store_rows(tmp_path / "store", "comments")] == [("c1", "hello"), ("d1", "second")]
+
+
+@pytest.mark.timeout(60)
+def test_a_refused_block_does_not_leave_the_pipe_writer_waiting():
+    """DuckDB stops on the first line of an 8 MiB block: the rest must still drain from the FIFO."""
+    good = orjson.dumps(COMMENT_BASE) + b"\n"
+    block = b'{"id": \n' + good * (8 * 2**20 // len(good))
+    with BlockParser() as parser:
+        for _ in range(3):  # and the parser is usable afterwards
+            assert parser.parse(block, block.count(b"\n")) is None
+            assert parser.parse(good * 3, 3).comments.num_rows == 3
+        folder = parser._dir
+    assert not Path(folder).exists()  # the FIFO's folder is removed on close
+
+
+def test_known_leniency_nan_or_trailing_comma_outside_the_kept_fields(tmp_path):
+    """DuckDB's reader accepts NaN and a trailing comma, which orjson refuses (bad_json).
+
+    In a field the store keeps, NaN fails its check and the line goes to the record path; elsewhere
+    in the record the fast path keeps the row (Arrow's reader, before it, accepted NaN there too).
+    """
+    nan = orjson.dumps(COMMENT_BASE)[:-1] + b', "ups": NaN}'
+    comma = orjson.dumps({**COMMENT_BASE, "id": "c2"})[:-1] + b", }"
+    assert _outcome(nan) == _outcome(comma) == "bad_json"
+    assert _fast([nan, comma]) == {COMMENT: [normalize_record(COMMENT_BASE)[1],
+                                             normalize_record({**COMMENT_BASE, "id": "c2"})[1]], POST: []}
 
 
 # ---------------------------------------------------------------- compression and damage
