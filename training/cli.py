@@ -60,8 +60,12 @@ def add_commands(subparsers) -> None:
     train = shared_verb(subparsers, "train", "train models on DeepSpeed (sft, rm, policy)")
 
     p = train.add_parser("rm", help="pairwise Bradley-Terry (or tier-conditioned) reward model")
-    p.add_argument("data", help="pairs (prompt, chosen, rejected[, margin]) or, with objective=tier, "
-                                "pointwise rows (prompt, completion, tier): JSONL / Parquet / CSV / datasets dir")
+    p.add_argument("data", nargs="?", help="pairs (prompt, chosen, rejected[, margin]) or, with objective=tier, "
+                                           "pointwise rows (prompt, completion, tier): "
+                                           "JSONL / Parquet / CSV / datasets dir")
+    p.add_argument("--task", action="append", metavar="NAME=PAIRS",
+                   help="joint multi-task training instead of PAIRS: one pairs file per task (two or more; "
+                        "conditioning: multitask=task_token|task_head)")
     p.add_argument("--out", required=True, help="output directory (safetensors + model card)")
     _common(p)
     p.set_defaults(handler=run_train_rm)
@@ -80,7 +84,7 @@ def add_commands(subparsers) -> None:
     p.set_defaults(handler=run_train_policy)
 
     merge = shared_verb(subparsers, "merge", "merge models")
-    p = merge.add_parser("rm", help="merge reward models trained from the same base")
+    p = merge.add_parser("rm", help="merge reward models trained from the same base (and the same tasks)")
     p.add_argument("models", nargs="+", help="reward model directories")
     p.add_argument("--method", choices=["average", "task-arithmetic", "ties"], default="average")
     p.add_argument("--base", help="the shared base model (default: the models' recorded base_model)")
@@ -97,6 +101,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--detokenize", action="store_true", default=None,
                    help="undo WritingPrompts tokenisation (default: as the model was trained)")
     p.add_argument("--max-length", type=int, help="default: the training max_length")
+    p.add_argument("--task", help="the task to score as (required for a jointly trained multi-task model)")
     _common(p, config=False)
     p.set_defaults(handler=run_eval_rm)
 
@@ -111,15 +116,23 @@ def _log_line(entry: dict) -> str:
 @quiet_stdout
 def run_train_rm(args, stdout=None) -> int:
     from ahf.config import load_config
-    from ahf.console import stderr
+    from ahf.console import UserError, stderr
+    from training.multitask import parse_task_specs
     from training.rm import RMConfig, train_reward_model
 
+    if (args.data is None) == (not args.task):
+        raise UserError("train rm takes either one PAIRS file or --task NAME=PAIRS for each task (two or more), "
+                        "not " + ("both" if args.task else "neither"))
+    data = parse_task_specs(args.task) if args.task else args.data
     config = load_config(RMConfig, "train/rm", args.config, args.set)
     log = None if args.json else (lambda e: stderr.print(_log_line(e), highlight=False))
     with progress_bar("train rm", enabled=not args.json) as advance:
-        result = train_reward_model(config, args.data, args.out, progress=advance, log=log)
+        result = train_reward_model(config, data, args.out, progress=advance, log=log)
     lines = [f"reward model -> {result['out_dir']} ({result['steps']} steps, {result['train_used']:,} "
              f"training rows, length filter {result['length_filter']})"]
+    for task, ev in result.get("eval_by_task", {}).items():
+        lines.append(f"held-out {task} ({result['by_task'][task]['eval_prompts']} prompts, {ev['pairs']} pairs): "
+                     f"accuracy {ev['accuracy']:.3f}  length baseline {ev['length_baseline']:.3f}")
     if "eval" in result:
         ev = result["eval"]
         lines.append(f"held-out ({result['eval_prompts']} prompts, {ev['pairs']} pairs): accuracy {ev['accuracy']:.3f}"
@@ -132,7 +145,8 @@ def run_train_rm(args, stdout=None) -> int:
 def run_eval_rm(args, stdout=None) -> int:
     from training.rm import evaluate_reward_model
 
-    result = evaluate_reward_model(args.model, args.pairs, detokenize=args.detokenize, max_length=args.max_length)
+    result = evaluate_reward_model(args.model, args.pairs, detokenize=args.detokenize, max_length=args.max_length,
+                                   task=args.task)
     lines = [f"{result['pairs']} pairs: accuracy {result['accuracy']:.3f}   length baseline (longer wins) "
              f"{result['length_baseline']:.3f}   mean margin {result['mean_margin']:+.3f}"]
     for bucket in result.get("by_bucket", {}).get("buckets", []):

@@ -9,6 +9,10 @@
 The backbone is merged with the chosen method. The scoring heads start from random init and have no
 base to subtract, so they are averaged under every method (the record says so). The base is the
 models' recorded `base_model` (a from_pretrained name or path) unless `base` names one.
+
+Joint multi-task models (training.multitask) merge only with models conditioned the same way on the
+same task list (per-task heads are averaged column by column); anything else is refused by name,
+since a single-task head and a per-task head score different things even where the shapes agree.
 """
 
 from __future__ import annotations
@@ -67,6 +71,11 @@ def merge_states(states: list[dict[str, torch.Tensor]], method: str, base: dict[
     return merged
 
 
+def _conditioning(card: dict) -> str:
+    tasks = card.get("tasks")
+    return f"{card.get('task_conditioning')} over tasks [{', '.join(tasks)}]" if tasks else "single-task"
+
+
 def merge_reward_models(model_dirs: list[str], out_dir: str | Path, method: str = "average",
                         base: str | None = None, scale: float = 1.0, density: float = 0.2) -> dict:
     if len(model_dirs) < 2:
@@ -76,6 +85,9 @@ def merge_reward_models(model_dirs: list[str], out_dir: str | Path, method: str 
         if card["backbone_config"].get("model_type") != cards[0]["backbone_config"].get("model_type") \
                 or card["head"] != cards[0]["head"]:
             raise UserError(f"{directory}: a different architecture or head than {model_dirs[0]}; cannot merge")
+        if _conditioning(card) != _conditioning(cards[0]):
+            raise UserError(f"{directory} is {_conditioning(card)}, {model_dirs[0]} is {_conditioning(cards[0])}: "
+                            "reward models merge only with the same task conditioning and task list")
     states = [load_state(Path(d) / WEIGHTS) for d in model_dirs]
     for directory, state in zip(model_dirs[1:], states[1:]):
         if state.keys() != states[0].keys() or any(state[k].shape != states[0][k].shape for k in state):

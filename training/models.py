@@ -3,7 +3,9 @@
 A reward model is any Hugging Face backbone (`AutoModel`: a causal LM's trunk such as gpt2-xl, or an
 encoder such as all-MiniLM-L6-v2) plus a linear head. Causal backbones read the score at the last
 real token; encoders mean-pool. The tier-conditioned form uses a 3-way head (bad/ok/good) and scores
-with the expected tier.
+with the expected tier. A joint multi-task model (training.multitask) records its `tasks` and how it is
+conditioned: `task_token` (a marker in the prompt, one scalar head) or `task_head` (one head output per
+task; `forward(task_ids=...)` reads each row's own column).
 
 On disk (`DIR/`): `model.safetensors` (backbone + head), `ahf_model.json` (backbone config, head,
 pooling, provenance), and the tokenizer files.
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from ahf.console import UserError
+from training.multitask import TASK_MARKER
 
 MODEL_CARD = "ahf_model.json"
 WEIGHTS = "model.safetensors"
@@ -89,16 +92,25 @@ class RewardModel(nn.Module):
     """Backbone + linear head. `forward` returns one score per row (pairwise) or tier logits (tier)."""
 
     def __init__(self, backbone: nn.Module, head: str = "pairwise", pooling: str | None = None,
-                 base_model: str | None = None):
+                 base_model: str | None = None, tasks: list[str] | None = None,
+                 task_conditioning: str | None = None, task_marker: str | None = None):
         super().__init__()
         if head not in {"pairwise", "tier"}:
             raise UserError(f"unknown reward head {head!r} (pairwise or tier)")
+        if tasks and (head != "pairwise" or task_conditioning not in {"task_token", "task_head"}):
+            raise UserError(f"a multi-task reward model needs the pairwise head and task_conditioning "
+                            f"task_token or task_head (got {head!r}, {task_conditioning!r})")
         self.backbone = backbone
         self.head_kind = head
         self.pooling = pooling or ("last" if is_causal(backbone.config) else "mean")
         self.base_model = base_model
+        self.tasks = list(tasks) if tasks else None
+        self.task_conditioning = task_conditioning if tasks else None
+        # the marker text the prompts were prefixed with (task_token), as recorded at training time
+        self.task_marker = (task_marker or TASK_MARKER) if self.task_conditioning == "task_token" else None
         hidden = getattr(backbone.config, "hidden_size", None) or backbone.config.n_embd
-        self.head = nn.Linear(hidden, 1 if head == "pairwise" else 3)
+        outputs = 3 if head == "tier" else len(tasks) if self.task_conditioning == "task_head" else 1
+        self.head = nn.Linear(hidden, outputs)
         nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
         nn.init.zeros_(self.head.bias)
 
@@ -118,12 +130,30 @@ class RewardModel(nn.Module):
         weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, score_index=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, score_index=None, task_ids=None):
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         pooled = self.pool(out.last_hidden_state, attention_mask if attention_mask is not None
                            and attention_mask.dim() == 2 else None, score_index)
         logits = self.head(pooled.to(self.head.weight.dtype))
+        if self.task_conditioning == "task_head":  # each scored row reads its own task's column
+            if task_ids is None or task_ids.shape != logits.shape[:1]:
+                raise UserError(f"a per-task-head reward model needs one task id per scored row "
+                                f"(tasks: {', '.join(self.tasks)})")
+            return logits.gather(1, task_ids.to(logits.device).long().view(-1, 1)).squeeze(1)
         return logits.squeeze(-1) if self.head_kind == "pairwise" else logits
+
+    def task_index(self, task: str | None) -> int | None:
+        """The column / marker for `task`; None for a single-task model. Errors name the known tasks."""
+        if self.tasks is None:
+            if task is not None:
+                raise UserError(f"this reward model is single-task; it takes no task (got {task!r})")
+            return None
+        if task is None:
+            raise UserError(f"this reward model was trained jointly on tasks {', '.join(self.tasks)}: "
+                            f"name one (--task NAME)")
+        if task not in self.tasks:
+            raise UserError(f"unknown task {task!r}: this reward model knows {', '.join(self.tasks)}")
+        return self.tasks.index(task)
 
     @staticmethod
     def score_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -134,8 +164,13 @@ class RewardModel(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def card(self) -> dict[str, Any]:
-        return {"kind": "reward_model", "head": self.head_kind, "pooling": self.pooling,
+        card = {"kind": "reward_model", "head": self.head_kind, "pooling": self.pooling,
                 "base_model": self.base_model, "backbone_config": self.backbone.config.to_dict()}
+        if self.tasks:
+            card |= {"tasks": self.tasks, "task_conditioning": self.task_conditioning}
+            if self.task_marker:
+                card["task_marker"] = self.task_marker
+        return card
 
     def save(self, directory: str | Path, tokenizer=None, extra: dict | None = None,
              state_dict: dict[str, torch.Tensor] | None = None) -> Path:
@@ -159,7 +194,9 @@ class RewardModel(nn.Module):
         config = AutoConfig.for_model(settings.pop("model_type"), **settings)
         attn = attn_implementation or "sdpa"  # scoring uses padded batches: SDPA works on every device
         backbone = AutoModel.from_config(config, attn_implementation=attn)
-        model = cls(backbone, head=card["head"], pooling=card["pooling"], base_model=card.get("base_model"))
+        model = cls(backbone, head=card["head"], pooling=card["pooling"], base_model=card.get("base_model"),
+                    tasks=card.get("tasks"), task_conditioning=card.get("task_conditioning"),
+                    task_marker=card.get("task_marker"))
         missing, unexpected = model.load_state_dict(load_state(directory / WEIGHTS), strict=False)
         missing = [k for k in missing if not k.endswith("attn.bias") and not k.endswith("masked_bias")]
         if missing or unexpected:

@@ -49,6 +49,7 @@ class PolicyConfig(TrainCommon):
     max_new_tokens: int = 128
     temperature: float = 1.0
     eval_prompts: int = 8  # held-out prompts for the before/after report
+    reward_task: str | None = None  # rloo with a multi-task reward model: the task whose reward to optimise
 
 
 def reply_logprobs(model, prompts: list[list[int]], replies: list[list[int]], pad_id: int, device) -> torch.Tensor:
@@ -72,8 +73,9 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float):
 class RewardScorer:
     """Scores (prompt, reply) text with a saved reward model and its own tokenizer."""
 
-    def __init__(self, directory: str, device):
+    def __init__(self, directory: str, device, task: str | None = None):
         self.model = RewardModel.load(directory).to(device).eval()
+        self.task = task  # which task of a jointly trained (multi-task) reward model scores
         self.tokenizer = load_tokenizer(directory)
         card = json.loads((Path(directory) / "ahf_model.json").read_text())
         self.max_length = card.get("train_config", {}).get("max_length", 512)
@@ -84,7 +86,7 @@ class RewardScorer:
         from training.rm import score_pairs
 
         pairs = [D.Pair(p, r, r) for p, r in zip(prompts, replies)]
-        chosen, _, _ = score_pairs(self.model, self.tokenizer, pairs, self.max_length, batch_size=16)
+        chosen, _, _ = score_pairs(self.model, self.tokenizer, pairs, self.max_length, batch_size=16, task=self.task)
         return chosen
 
 
@@ -152,7 +154,7 @@ def train_policy(config: PolicyConfig, data_path: str | Path, out_dir: str | Pat
     reference.to(device)
     if ds_config.get("bf16", {}).get("enabled"):
         reference.to(torch.bfloat16)
-    scorer = RewardScorer(reward_model, device) if reward_model else None
+    scorer = RewardScorer(reward_model, device, config.reward_task) if reward_model else None
     eval_prompts = sorted({r.prompt for r in eval_rows})[: config.eval_prompts]
 
     with gathered(engine.module, engine):

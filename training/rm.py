@@ -6,6 +6,10 @@ when present and `use_margin` is on (TRL's convention). Tier: prompt + completio
 accuracy (chosen scored higher / tier correct), mean margin (r_chosen - r_rejected; for tiers the
 gap between the mean reward of good and bad rows in the batch).
 
+Joint multi-task training (`data_path` = {task: pairs file}; see training.multitask): one model on
+all tasks, conditioned by a task marker in the prompt or by a per-task head; held-out evaluation and
+logged accuracy per task.
+
 Output directory: `model.safetensors`, `ahf_model.json` (with the training config and final
 metrics), tokenizer files, `metrics.jsonl` (one line per logged step and per evaluation).
 """
@@ -24,6 +28,7 @@ from pydantic import Field
 
 from ahf.console import UserError
 from training import data as D
+from training import multitask as M
 from training.config import TrainCommon
 from training.engine import full_state_dict, start_engine
 from training.models import RewardModel, build_backbone, load_tokenizer
@@ -37,10 +42,14 @@ class RMConfig(TrainCommon):
     use_margin: bool = True
     max_prompt_length: int = 128
     overlong: str = Field("truncate", pattern="^(truncate|drop)$")
-    eval_pairs: str | None = None  # a separate held-out file instead of a split
+    eval_pairs: str | dict[str, str] | None = None  # a held-out file instead of a split ({task: file} when joint)
     pack_tokens: int = 4096  # tokens per packed row (packed layouts)
     packing: str = Field("auto", pattern="^(auto|none|varlen|shared_prompt)$")
     eval_batch_size: int = 16
+    # joint multi-task training (several --task NAME=FILE): how the task is shown to the model, and
+    # whether smaller tasks are up-sampled to the largest each epoch
+    multitask: str = Field("task_token", pattern="^(task_token|task_head)$")
+    task_balance: str = Field("proportional", pattern="^(proportional|equal)$")
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -95,8 +104,9 @@ def resolve_packing(packing: str, model: RewardModel) -> str:
 
 def pair_batches(encoded: list[dict], packing: str, micro_batch_size: int, pack_tokens: int,
                  pad_id: int, shuffle: random.Random | None) -> list:
-    """(Batch, margins) in training order; `batch.extras["pairs"]` = indices into `encoded`. Scores come
-    out as all chosen then all rejected, in that order."""
+    """(Batch, margins) in training order; `batch.extras["pairs"]` = indices into `encoded`,
+    `batch.extras["tasks"]` = each pair's task index (0 for single-task). Scores come out as all chosen
+    then all rejected, in that order."""
     batches = []
     if packing == "none":
         order = list(range(len(encoded)))
@@ -107,6 +117,7 @@ def pair_batches(encoded: list[dict], packing: str, micro_batch_size: int, pack_
             rows = [e["prompt"] + e["chosen"] for e in chunk] + [e["rejected_prompt"] + e["rejected"] for e in chunk]
             batch = pad_rows(rows, pad_id)
             batch.extras["pairs"] = order[start:start + micro_batch_size]
+            batch.extras["tasks"] = torch.tensor([e.get("task", 0) for e in chunk])
             batches.append((batch, torch.tensor([e["margin"] for e in chunk])))
         return batches
     shared = packing == "shared_prompt"
@@ -130,6 +141,7 @@ def pair_batches(encoded: list[dict], packing: str, micro_batch_size: int, pack_
             batch = pack_rows(seqs, pad_id, True, False,
                               use_position_boundaries=attention_implementation() == "flash_attention_2")
         batch.extras["pairs"] = members
+        batch.extras["tasks"] = torch.tensor([e.get("task", 0) for e in chunk])
         batches.append((batch, torch.tensor([e["margin"] for e in chunk])))
     return batches
 
@@ -143,18 +155,32 @@ def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor |
 
 # ----------------------------------------------------------------------------- scoring / eval
 
+def task_inputs(model: RewardModel, batch, device) -> dict:
+    """Model inputs; a per-task-head model also gets each scored row's task (chosen rows, then rejected)."""
+    inputs = batch.model_inputs(device)
+    if model.task_conditioning == "task_head":
+        inputs["task_ids"] = batch.extras["tasks"].repeat(2).to(device)
+    return inputs
+
+
 @torch.no_grad()
 def score_pairs(model: RewardModel, tokenizer, pairs: list[D.Pair], max_length: int, max_prompt_length: int = 128,
-                batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor, D.FilterReport]:
-    """Scalar rewards for chosen and rejected (padded batches; pairs too long are truncated and counted)."""
+                batch_size: int = 16, task: str | None = None) -> tuple[torch.Tensor, torch.Tensor, D.FilterReport]:
+    """Scalar rewards for chosen and rejected (padded batches; pairs too long are truncated and counted).
+    A joint multi-task model needs `task` (one of its recorded tasks); a single-task model refuses one."""
     model.eval()
     device = next(model.parameters()).device
+    task_index = model.task_index(task)
+    if model.task_marker:
+        pairs = M.with_task_marker(pairs, task, model.task_marker)
     encoded, report = encode_pairs(pairs, tokenizer, LengthPolicy(max_length, max_prompt_length, "truncate"))
+    for e in encoded:
+        e["task"] = task_index or 0
     chosen, rejected = [], []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
     for batch, _ in pair_batches(encoded, "none", batch_size, 0, tokenizer.pad_token_id, None):
         with autocast:
-            scores = RewardModel.score_from_logits(model(**batch.model_inputs(device)).float())
+            scores = RewardModel.score_from_logits(model(**task_inputs(model, batch, device)).float())
         half = scores.shape[0] // 2
         chosen.append(scores[:half].cpu())
         rejected.append(scores[half:].cpu())
@@ -195,8 +221,8 @@ def bucket_accuracy(pairs: list[D.Pair], correct: list[bool], buckets: int = 3) 
 
 
 def evaluate_pairs(model: RewardModel, tokenizer, pairs: list[D.Pair], max_length: int,
-                   max_prompt_length: int = 128, batch_size: int = 16) -> dict:
-    chosen, rejected, report = score_pairs(model, tokenizer, pairs, max_length, max_prompt_length, batch_size)
+                   max_prompt_length: int = 128, batch_size: int = 16, task: str | None = None) -> dict:
+    chosen, rejected, report = score_pairs(model, tokenizer, pairs, max_length, max_prompt_length, batch_size, task)
     correct = (chosen > rejected).tolist()
     result = {"pairs": len(pairs), "accuracy": sum(correct) / len(correct),
               "length_baseline": length_baseline(pairs),
@@ -208,24 +234,27 @@ def evaluate_pairs(model: RewardModel, tokenizer, pairs: list[D.Pair], max_lengt
 
 
 def evaluate_reward_model(model_dir: str | Path, pairs_path: str | Path, detokenize: bool | None = None,
-                          max_length: int | None = None, batch_size: int = 16) -> dict:
-    """`ahf eval rm`: accuracy of a saved reward model on a pairs file, next to the length baseline."""
+                          max_length: int | None = None, batch_size: int = 16, task: str | None = None) -> dict:
+    """`ahf eval rm`: accuracy of a saved reward model on a pairs file, next to the length baseline.
+    `task`: which task's conditioning to score with (required for, and only for, a joint multi-task model)."""
     card = json.loads((Path(model_dir) / "ahf_model.json").read_text()) if (Path(model_dir) / "ahf_model.json").exists() else {}
     trained_with = card.get("train_config", {})
     model = RewardModel.load(model_dir)
+    model.task_index(task)  # refuse a missing / unknown / superfluous task before reading the pairs
     if torch.cuda.is_available():
         model = model.cuda()
     tokenizer = load_tokenizer(str(model_dir))
     detok = trained_with.get("detokenize", False) if detokenize is None else detokenize
     pairs = D.load_pairs(pairs_path, detok=detok)
     limit = max_length or trained_with.get("max_length") or 512
-    result = evaluate_pairs(model, tokenizer, pairs, limit, trained_with.get("max_prompt_length", 128), batch_size)
-    return {"model": str(model_dir), "pairs_file": str(pairs_path), **result}
+    result = evaluate_pairs(model, tokenizer, pairs, limit, trained_with.get("max_prompt_length", 128), batch_size,
+                            task)
+    return {"model": str(model_dir), "pairs_file": str(pairs_path), **({"task": task} if task else {}), **result}
 
 
 # ----------------------------------------------------------------------------- training
 
-def build_reward_model(config: RMConfig) -> tuple[RewardModel, object]:
+def build_reward_model(config: RMConfig, tasks: list[str] | None = None) -> tuple[RewardModel, object]:
     # the 4-D masks of shared_prompt / padded-varlen layouts need SDPA; flash-attention 2 only for varlen
     attn = None if config.packing == "varlen" else "sdpa"
     backbone = build_backbone(config.model, config.random_init, attn_implementation=attn)
@@ -233,32 +262,47 @@ def build_reward_model(config: RMConfig) -> tuple[RewardModel, object]:
         backbone.gradient_checkpointing_enable()
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     model = RewardModel(backbone, head="pairwise" if config.objective == "pairwise" else "tier",
-                        base_model=None if config.random_init else config.model)
+                        base_model=None if config.random_init else config.model,
+                        tasks=tasks, task_conditioning=config.multitask if tasks else None)
     return model, tokenizer
 
 
-def train_reward_model(config: RMConfig, data_path: str | Path, out_dir: str | Path,
+def train_reward_model(config: RMConfig, data_path: str | Path | dict[str, str | Path], out_dir: str | Path,
                        progress: Callable[[int], None] | None = None,
                        log: Callable[[dict], None] | None = None) -> dict:
-    """Train on `data_path` (pairs, or pointwise tiers for objective=tier), evaluate on held-out prompts."""
+    """Train on `data_path` (pairs, or pointwise tiers for objective=tier), evaluate on held-out prompts.
+    `data_path` as {task: pairs file} (two or more) trains one joint multi-task model (`config.multitask`)."""
+    tasks = _check_multitask(config, data_path)
     torch.manual_seed(config.seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = build_reward_model(config)
+    model, tokenizer = build_reward_model(config, list(tasks) if tasks else None)
     policy = LengthPolicy(config.max_length, config.max_prompt_length, config.overlong)
 
-    if config.objective == "pairwise":
-        examples = D.load_pairs(data_path, detok=config.detokenize)
+    by_task: dict[str, dict] = {}
+    if tasks:
+        train_by_task, eval_by_task = M.load_task_pairs(tasks, config.eval_pairs, config.eval_fraction,
+                                                        config.seed, config.detokenize)
+        encoded, filtering = _encode_tasks(train_by_task, model, tokenizer, policy, by_task)
+        train_rows = [p for rows in train_by_task.values() for p in rows]
+        eval_rows = [p for rows in eval_by_task.values() for p in rows]
+        for name in tasks:
+            by_task[name] |= {"train_rows": len(train_by_task[name]), "eval_rows": len(eval_by_task[name]),
+                              "train_prompts": len({r.prompt for r in train_by_task[name]}),
+                              "eval_prompts": len({r.prompt for r in eval_by_task[name]})}
     else:
-        examples = D.load_pointwise(data_path, detok=config.detokenize)
-    if config.eval_pairs:
-        train_rows, eval_rows = examples, D.load_pairs(config.eval_pairs, detok=config.detokenize)
-    else:
-        train_rows, eval_rows = D.split_by_prompt(examples, config.eval_fraction, config.seed)
-    if config.objective == "pairwise":
-        encoded, filtering = encode_pairs(train_rows, tokenizer, policy)
-    else:
-        encoded, filtering = encode_points(train_rows, tokenizer, policy)
+        if config.objective == "pairwise":
+            examples = D.load_pairs(data_path, detok=config.detokenize)
+        else:
+            examples = D.load_pointwise(data_path, detok=config.detokenize)
+        if config.eval_pairs:
+            train_rows, eval_rows = examples, D.load_pairs(config.eval_pairs, detok=config.detokenize)
+        else:
+            train_rows, eval_rows = D.split_by_prompt(examples, config.eval_fraction, config.seed)
+        if config.objective == "pairwise":
+            encoded, filtering = encode_pairs(train_rows, tokenizer, policy)
+        else:
+            encoded, filtering = encode_points(train_rows, tokenizer, policy)
     if not encoded:
         raise UserError(f"{data_path}: no training rows left after length filtering {filtering.to_dict()}")
     packing = resolve_packing(config.packing, model) if config.objective == "pairwise" else "none"
@@ -267,15 +311,25 @@ def train_reward_model(config: RMConfig, data_path: str | Path, out_dir: str | P
         packing = "varlen"
 
     rng = random.Random(config.seed)
-    make_batches = (lambda: pair_batches(encoded, packing, config.micro_batch_size, config.pack_tokens,
-                                         tokenizer.pad_token_id, rng)) if config.objective == "pairwise" else \
-        (lambda: _tier_batches(encoded, config.micro_batch_size, tokenizer.pad_token_id, rng))
-    per_epoch = len(make_batches())
+    task_of = [e.get("task", 0) for e in encoded]
+
+    def make_batches():
+        if config.objective != "pairwise":
+            return _tier_batches(encoded, config.micro_batch_size, tokenizer.pad_token_id, rng)
+        epoch = encoded  # proportional: every pair once, mixed across tasks by the batcher's shuffle
+        if tasks and config.task_balance == "equal":
+            epoch = [encoded[i] for i in M.epoch_order(task_of, "equal", rng)]
+        return pair_batches(epoch, packing, config.micro_batch_size, config.pack_tokens, tokenizer.pad_token_id, rng)
+
+    first_epoch = make_batches()
+    per_epoch, pairs_per_epoch = len(first_epoch), sum(len(b.extras.get("pairs", ())) for b, _ in first_epoch)
     engine, ds_config, total_micro, total_steps = start_engine(model, config, per_epoch)
     device = engine.device
 
     metrics_file = (out_dir / "metrics.jsonl").open("w")
     history, window = [], []
+    task_hits = torch.zeros(len(tasks or [0]))  # per-task correct / seen pairs in the current log window
+    task_seen = torch.zeros(len(tasks or [0]))
     started = time.perf_counter()
     real_tokens = 0
     micro = 0
@@ -284,13 +338,17 @@ def train_reward_model(config: RMConfig, data_path: str | Path, out_dir: str | P
         for batch, margins in make_batches():
             if micro >= total_micro:
                 break
-            logits = engine(**batch.model_inputs(device)).float()
+            logits = engine(**task_inputs(model, batch, device)).float()
             if config.objective == "pairwise":
                 half = logits.shape[0] // 2
                 chosen, rejected = logits[:half], logits[half:]
                 loss = bt_loss(chosen, rejected, margins if config.use_margin else None)
                 stats = {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
                          "mean_margin": (chosen - rejected).mean().item()}
+                if tasks:
+                    batch_tasks = batch.extras["tasks"]
+                    task_hits.index_add_(0, batch_tasks, (chosen > rejected).float().cpu())
+                    task_seen.index_add_(0, batch_tasks, torch.ones(len(batch_tasks)))
             else:
                 loss = F.cross_entropy(logits, margins.to(device))
                 stats = _tier_stats(loss, logits, margins.to(device))
@@ -306,6 +364,12 @@ def train_reward_model(config: RMConfig, data_path: str | Path, out_dir: str | P
                          **{k: sum(w[k] for w in window) / len(window) for k in window[0]},
                          "lr": engine.get_lr()[0] if hasattr(engine, "get_lr") else config.lr,
                          "real_tokens_per_s": real_tokens / (time.perf_counter() - started)}
+                if tasks:  # pairs of each task seen in this window (a task absent from it is left out)
+                    entry["accuracy_by_task"] = {name: (task_hits[t] / task_seen[t]).item()
+                                                 for t, name in enumerate(tasks) if task_seen[t] > 0}
+                    entry["pairs_by_task"] = {name: int(task_seen[t]) for t, name in enumerate(tasks)}
+                    task_hits.zero_()
+                    task_seen.zero_()
                 window = []
                 history.append(entry)
                 metrics_file.write(json.dumps(entry) + "\n")
@@ -327,7 +391,15 @@ def train_reward_model(config: RMConfig, data_path: str | Path, out_dir: str | P
               "real_tokens_per_s": round(real_tokens / train_seconds, 1), "history": history,
               "deepspeed": {"config": config.deepspeed, "zero_stage": ds_config.get("zero_optimization", {}).get("stage"),
                             "bf16": ds_config.get("bf16", {}).get("enabled", False)}}
-    if eval_rows:
+    if tasks:
+        result |= {"tasks": list(tasks), "task_conditioning": config.multitask, "task_balance": config.task_balance,
+                   "pairs_per_epoch": pairs_per_epoch, "by_task": by_task}
+        result["eval_by_task"] = {name: evaluate_pairs(final, tokenizer, eval_by_task[name], config.max_length,
+                                                       config.max_prompt_length, config.eval_batch_size, task=name)
+                                  for name in tasks if eval_by_task[name]}
+        if result["eval_by_task"]:
+            metrics_file.write(json.dumps({"eval_by_task": result["eval_by_task"]}) + "\n")
+    elif eval_rows:
         eval_pairs = eval_rows if config.objective == "pairwise" else _tier_pairs(eval_rows)
         if eval_pairs:
             result["eval"] = evaluate_pairs(final, tokenizer, eval_pairs, config.max_length, config.max_prompt_length,
@@ -342,6 +414,41 @@ def train_reward_model(config: RMConfig, data_path: str | Path, out_dir: str | P
     card_path.write_text(json.dumps(card, indent=2, default=str))
     result["out_dir"] = str(out_dir)
     return result
+
+
+def _check_multitask(config: RMConfig, data_path) -> dict | None:
+    """{task: file} for joint training (validated), None for one pairs file; mismatched settings refused."""
+    if not isinstance(data_path, dict):
+        if isinstance(config.eval_pairs, dict):
+            raise UserError("eval_pairs as a {task: file} mapping needs joint training (--task NAME=FILE ...); "
+                            "with one pairs file give one eval_pairs file")
+        return None
+    tasks = M.check_task_names(dict(data_path))
+    if config.objective != "pairwise":
+        raise UserError(f"joint multi-task training takes pairs (objective=pairwise), not objective={config.objective}")
+    if isinstance(config.eval_pairs, str):
+        raise UserError("with several tasks, eval_pairs maps each task to its held-out file "
+                        "(--set eval_pairs.TASK=FILE), not one file")
+    return tasks
+
+
+def _encode_tasks(train_by_task: dict[str, list[D.Pair]], model: RewardModel, tokenizer, policy: LengthPolicy,
+                  by_task: dict[str, dict]) -> tuple[list[dict], D.FilterReport]:
+    """Encode each task's pairs with its conditioning; every encoded pair carries its task index."""
+    encoded, total = [], D.FilterReport()
+    for index, (name, pairs) in enumerate(train_by_task.items()):
+        if model.task_marker:
+            pairs = M.with_task_marker(pairs, name, model.task_marker)
+        rows, report = encode_pairs(pairs, tokenizer, policy)
+        for row in rows:
+            row["task"] = index
+        encoded += rows
+        by_task[name] = {"train_used": len(rows), "length_filter": report.to_dict()}
+        total.total += report.total
+        total.kept += report.kept
+        total.dropped.update(report.dropped)
+        total.truncated.update(report.truncated)
+    return encoded, total
 
 
 def _tier_batches(encoded: list[dict], size: int, pad_id: int, rng: random.Random) -> list:
