@@ -21,6 +21,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -386,28 +387,47 @@ class DenseSearcher:
                       if self.meta["index_type"] == "hnsw" else faiss.SearchParameters(sel=restriction))
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
 
-    def encode_query(self, text: str) -> np.ndarray:
-        """One short query. On the CPU through ONNX Runtime when the encoder exports exactly
-        (index.query_encoder: 2-3x less CPU than PyTorch eager), else PyTorch on a single intra-op
-        thread (several only wait for each other on a few tokens, badly so on busy cores)."""
-        import torch
-
+    def _onnx_encoder(self):
+        """The ONNX query encoder, or None (GPU, or an encoder that does not export exactly)."""
         if self.encoder.device != "cpu":
-            return self.encoder.encode([text])
+            return None
         if self._query_encoder is None:
             from index.query_encoder import onnx_query_encoder
 
             self._query_encoder, self.query_backend_note = onnx_query_encoder(
                 self.encoder.model, cache_dir(self.dir.parent, self.meta["encoder"]))
             self._query_encoder = self._query_encoder or False
-        if self._query_encoder:
-            return self._query_encoder.encode(text)
+        return self._query_encoder or None
+
+    def encode_query(self, text: str) -> np.ndarray:
+        """One short query. On the CPU through ONNX Runtime when the encoder exports exactly
+        (index.query_encoder: 2-3x less CPU than PyTorch eager), else PyTorch on a single intra-op
+        thread (several only wait for each other on a few tokens, badly so on busy cores)."""
+        import torch
+
+        onnx = self._onnx_encoder()
+        if onnx is not None:
+            return onnx.encode(text)
+        if self.encoder.device != "cpu":
+            return self.encoder.encode([text])
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             return self.encoder.encode([text])
         finally:
             torch.set_num_threads(threads)
+
+    def encode_query_in(self, executor, text: str) -> Callable[[], np.ndarray]:
+        """Start encoding `text` on `executor`; the returned function waits for the vector.
+
+        With ONNX only the transformer runs there: it holds no GIL, while tokenising and pooling
+        (Python, which would wait on the calling thread's Python for the GIL) stay here."""
+        onnx = self._onnx_encoder()
+        if onnx is None:
+            return executor.submit(self.encode_query, text).result
+        features = onnx.features(text)
+        hidden = executor.submit(onnx.run, features)
+        return lambda: onnx.pool(hidden.result(), features)
 
     @property
     def query_backend(self) -> str | None:

@@ -130,10 +130,10 @@ class ActSearcher:
         _, allowed, restriction = self._candidates_for(act, subreddit)
         if not allowed:
             return []
-        # The query encoding (torch, one thread) and the Lucene search (JVM) run on the two cores at once.
-        encoding = self._encoder_thread.submit(self._dense.encode_query, text)
+        # The query's transformer (ONNX Runtime, no GIL) runs on the second core while Lucene searches.
+        query_vector = self._dense.encode_query_in(self._encoder_thread, text)
         lexical = [(d, s) for d, s in self._bm25.search(text, k=self.bm25_depth) if d in allowed]
-        semantic = self._dense.search_vector(encoding.result(), k=max(k, self.dense_depth), restriction=restriction)
+        semantic = self._dense.search_vector(query_vector(), k=max(k, self.dense_depth), restriction=restriction)
         return fuse([lexical, semantic], method=self.fusion, k=k, alpha=self.alpha)
 
     def _turns(self, ids: list[str]) -> dict[str, dict]:

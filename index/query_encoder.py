@@ -93,9 +93,15 @@ class OnnxQueryEncoder:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
 
-    def encode(self, text: str) -> np.ndarray:
-        features = _features(self.st, text)
-        hidden = self.session.run(None, {name: features[name] for name in self.inputs})[0]
+    def features(self, text: str) -> dict[str, np.ndarray]:
+        return _features(self.st, text)
+
+    def run(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        """The transformer alone: ONNX Runtime releases the GIL for all of it, so another thread
+        can call it while this one works (see index.query.ActSearcher)."""
+        return self.session.run(None, {name: features[name] for name in self.inputs})[0]
+
+    def pool(self, hidden: np.ndarray, features: dict[str, np.ndarray]) -> np.ndarray:
         if self.pooling == "cls":
             vector = hidden[:, 0]
         else:
@@ -104,6 +110,10 @@ class OnnxQueryEncoder:
         if self.normalize:
             vector = vector / np.maximum(np.linalg.norm(vector, axis=1, keepdims=True), 1e-12)
         return np.ascontiguousarray(vector, dtype=np.float32)
+
+    def encode(self, text: str) -> np.ndarray:
+        features = self.features(text)
+        return self.pool(self.run(features), features)
 
 
 def onnx_query_encoder(st, cache_dir: Path) -> tuple[OnnxQueryEncoder | None, str]:

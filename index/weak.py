@@ -44,11 +44,12 @@ class ClassifierReport:
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, steps: int) -> tuple[np.ndarray, float]:
     """Class-balanced L2 logistic regression by full-batch gradient descent with momentum (x is small:
-    at most `max_unlabelled` + positives rows of unit vectors, so this converges in a few hundred steps)."""
+    at most `max_unlabelled` + positives rows of unit vectors, so this converges in a few hundred steps;
+    float32 throughout, as the embeddings are)."""
     weight_pos = 0.5 / max(y.mean(), 1e-9)
     weight_neg = 0.5 / max(1 - y.mean(), 1e-9)
-    sample_weight = np.where(y > 0, weight_pos, weight_neg) / len(y)
-    w, b = np.zeros(x.shape[1]), 0.0
+    sample_weight = (np.where(y > 0, weight_pos, weight_neg) / len(y)).astype(np.float32)
+    w, b = np.zeros(x.shape[1], dtype=np.float32), np.float32(0.0)
     vw, vb, lr = np.zeros_like(w), 0.0, 2.0
     for _ in range(steps):
         p = 1.0 / (1.0 + np.exp(-(x @ w + b)))
@@ -82,8 +83,8 @@ def classifier_scores(vectors: np.ndarray, structure: dict[str, np.ndarray], con
             continue
         rows = np.concatenate([train_pos, unlabelled])
         y = np.concatenate([np.ones(len(train_pos)), np.zeros(len(unlabelled))])
-        w, b = fit_logistic(vectors[rows].astype(np.float64), y, config.l2, config.steps)
-        g = 1.0 / (1.0 + np.exp(-(vectors.astype(np.float64) @ w + b)))
+        w, b = fit_logistic(vectors[rows], y.astype(np.float32), config.l2, config.steps)
+        g = 1.0 / (1.0 + np.exp(-(vectors @ w + b)))
         c = float(g[held].mean())
         report.label_frequency[act] = round(c, 4)
         out[act] = np.clip(g / max(c, 1e-9), 0.0, 1.0)
