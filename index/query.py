@@ -5,9 +5,9 @@ Without TEXT the turns tagged TYPE come by act confidence (ties: comment id). Wi
 (reciprocal-rank fusion by default, or interpolation of normalised scores). The dense side
 searches only inside the act (a FAISS bitmap selector, built once per act; exact for flat
 indexes); the BM25 side keeps the act's turns among its top `bm25_depth` (50) hits. The query's
-encoding (ONNX Runtime on the CPU, see index.query_encoder) runs in a second thread while Lucene
-searches (pruned top-k, ids from doc values, see index.bm25), so on 2 cores a query costs about
-the longer of the two rather than their sum.
+transformer (ONNX Runtime on the CPU, see index.query_encoder) runs in a second thread while Lucene
+searches (pruned top-k, ids from doc values, see index.bm25). On the 2-vCPU machines measured, the
+two overlap little (docs/bench/index.md): the encoding is the part to make cheaper next.
 
 `ActSearcher` loads everything once, so a process answering many queries (the benchmark, a
 server) pays the JVM start, the index loads and the encoder load once.
