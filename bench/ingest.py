@@ -544,11 +544,7 @@ Command: `{result['command']}` ({result['date']}; the fastest of {inp['repeat']}
 
 Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; {m['os']}; Python {m['python']},
 DuckDB {m['duckdb']}, pyarrow {m['pyarrow']}, zstandard {m['zstandard']}, orjson {m['orjson']},
-{m['zstd_cli']}. **The machine was shared with other jobs during this run** (1-minute load average
-{load['before']} before and {load['after']} after, on {m['cores']} cores): wall times include
-waiting for a core whenever the last column (CPU seconds other processes used during that run) is
-not near zero, and CPU seconds, the steadier figure, are inflated too by the contention (caches,
-memory bandwidth). Compare rows of this page with each other, not with pages taken on the idle machine.
+{m['zstd_cli']}. {machine_state(load, m['cores'])}
 
 Input: the real `RC_2005-12.zst` (1,075 comments) repeated with fresh ids to {n:,} comments
 ({inp['decompressed_mb']:,.0f} MiB of NDJSON; {inp['compressed_mb']:,.1f} MiB as zstd with a 2 GiB window and
@@ -641,6 +637,19 @@ the version before this change took 14.2 CPU s and 8.7 s for the same input (115
   `maximum_object_size` for the reader, other compression methods for the store (no gain beyond
   noise, or a 13x larger file); glibc malloc thresholds (-10 % page faults, no CPU gain).
 """
+
+
+def machine_state(load: dict, cores: int) -> str:
+    """Idle or shared, by the load average before the run (the run itself raises the one after)."""
+    if float(load["before"]) < 0.5:
+        return (f"The machine was idle (1-minute load average {load['before']} before the run, "
+                f"{load['after']} after it, the bench's own load); the last column (CPU seconds other "
+                "processes used during each run) shows what else ran.")
+    return (f"**The machine was shared with other jobs during this run** (1-minute load average {load['before']} "
+            f"before and {load['after']} after, on {cores} cores): wall times include waiting for a core whenever "
+            "the last column (CPU seconds other processes used during that run) is not near zero, and CPU "
+            "seconds, the steadier figure, are inflated too by the contention (caches, memory bandwidth). "
+            "Compare rows of this page with each other, not with pages taken on the idle machine.")
 
 
 def main(argv: list[str] | None = None) -> int:
