@@ -32,7 +32,7 @@ from training import multitask as M
 from training.config import TrainCommon
 from training.engine import full_state_dict, start_engine
 from training.models import RewardModel, build_backbone, load_tokenizer
-from training.tokens import LengthPolicy, encode_prompt, encode_reply, first_fit, pack_rows, pad_rows
+from training.tokens import LengthPolicy, encode_prompt, encode_reply, first_fit, pack_rows, pad_rows, shuffled_chunks
 
 
 class RMConfig(TrainCommon):
@@ -109,14 +109,11 @@ def pair_batches(encoded: list[dict], packing: str, micro_batch_size: int, pack_
     then all rejected, in that order."""
     batches = []
     if packing == "none":
-        order = list(range(len(encoded)))
-        if shuffle:
-            shuffle.shuffle(order)
-        for start in range(0, len(order), micro_batch_size):
-            chunk = [encoded[i] for i in order[start:start + micro_batch_size]]
+        for members in shuffled_chunks(len(encoded), micro_batch_size, shuffle):
+            chunk = [encoded[i] for i in members]
             rows = [e["prompt"] + e["chosen"] for e in chunk] + [e["rejected_prompt"] + e["rejected"] for e in chunk]
             batch = pad_rows(rows, pad_id)
-            batch.extras["pairs"] = order[start:start + micro_batch_size]
+            batch.extras["pairs"] = members
             batch.extras["tasks"] = torch.tensor([e.get("task", 0) for e in chunk])
             batches.append((batch, torch.tensor([e["margin"] for e in chunk])))
         return batches
@@ -452,11 +449,9 @@ def _encode_tasks(train_by_task: dict[str, list[D.Pair]], model: RewardModel, to
 
 
 def _tier_batches(encoded: list[dict], size: int, pad_id: int, rng: random.Random) -> list:
-    order = list(range(len(encoded)))
-    rng.shuffle(order)
     out = []
-    for start in range(0, len(order), size):
-        chunk = [encoded[i] for i in order[start:start + size]]
+    for members in shuffled_chunks(len(encoded), size, rng):
+        chunk = [encoded[i] for i in members]
         out.append((pad_rows([e["ids"] for e in chunk], pad_id), torch.tensor([e["tier"] for e in chunk])))
     return out
 

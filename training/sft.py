@@ -27,7 +27,7 @@ from training import data as D
 from training.config import TrainCommon
 from training.engine import full_state_dict, gathered, start_engine
 from training.models import attention_implementation, build_backbone, load_tokenizer, save_state
-from training.tokens import encode_prompt, encode_reply, first_fit, pack_rows, pad_rows
+from training.tokens import encode_prompt, encode_reply, first_fit, pack_rows, pad_rows, shuffled_chunks
 
 
 class SFTConfig(TrainCommon):
@@ -64,11 +64,8 @@ def sft_batches(encoded: list[dict], packing: str, micro_batch_size: int, pack_t
     """(Batch, labels) pairs; labels are aligned with input_ids (-100 = no loss)."""
     out = []
     if packing == "none":
-        order = list(range(len(encoded)))
-        if rng:
-            rng.shuffle(order)
-        for start in range(0, len(order), micro_batch_size):
-            chunk = [encoded[i] for i in order[start:start + micro_batch_size]]
+        for members in shuffled_chunks(len(encoded), micro_batch_size, rng):
+            chunk = [encoded[i] for i in members]
             batch = pad_rows([e["ids"] for e in chunk], pad_id)
             labels = torch.full(batch.input_ids.shape, -100, dtype=torch.long)
             for i, e in enumerate(chunk):

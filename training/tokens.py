@@ -12,6 +12,7 @@ Three ways to lay a batch of (prompt, reply...) sequences into tensors:
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -109,6 +110,14 @@ class Batch:
             if value is not None:
                 out[name] = value.to(device)
         return out
+
+
+def shuffled_chunks(n: int, size: int, rng: random.Random | None) -> list[list[int]]:
+    """Indices 0..n-1, shuffled by `rng` (kept in order without one), cut into chunks of `size`."""
+    order = list(range(n))
+    if rng:
+        rng.shuffle(order)
+    return [order[start:start + size] for start in range(0, n, size)]
 
 
 def pad_rows(rows: list[list[int]], pad_id: int) -> Batch:
