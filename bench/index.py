@@ -10,9 +10,12 @@ large runs hit the embedding cache and encode only the unique texts. Reported, a
 - per size: BM25 build (turns/s, Lucene via Anserini in-process, warm JVM) next to bm25s
   indexing the same replies; dense build from a warm cache (turns/s); act tagging (turns/s);
 - per size: latency p50/p99 of `ActSearcher.query(act, TEXT, k=10)` (hybrid BM25 + dense,
-  fused, with the store lookup of context and reply), of the act query without TEXT, and of a
-  bare pyserini `LuceneSearcher.search(k=10)` and bm25s `retrieve(k=10)` on the same queries;
-  then the hybrid query's two parts alone: the query encoding and our BM25 top 50.
+  fused, with the lookup of context and reply), of the act query without TEXT, and of a bare
+  pyserini `LuceneSearcher.search(k=10)` and bm25s `retrieve(k=10)` on the same queries, each in
+  its own loop after `--warmup` disjoint queries (whose latencies are reported as the searcher's
+  first queries); then the hybrid query's two parts alone: the query encoding and our BM25 top 50.
+
+`--query-only STORE` measures only the query latencies on an existing store (index and acts built).
 """
 
 from __future__ import annotations
@@ -121,7 +124,55 @@ def _cache_dir(root: Path) -> Path:
     return cache_dir(root, DenseConfig().encoder)
 
 
-def bench_size(base: Path, size: int, work: Path, cache: Path, queries: list[tuple[str, str]]) -> dict:
+def timed(call, items) -> list[float]:
+    samples = []
+    for item in items:
+        started = time.perf_counter()
+        call(*item)
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def bench_queries(store: Path, queries: list[tuple[str, str]], warmup: list[tuple[str, str]], retriever=None) -> dict:
+    """Latency of each query path, each in its own loop over the same queries (interleaving them
+    lets one path's memory traffic land in the next one's figures).
+
+    The searcher first answers `warmup` queries disjoint from the measured ones: a query server
+    is long-running, and its first queries after load pay the JVM's JIT compilation and first
+    touches of index pages. Those first queries are reported too (`hybrid_act_query_first`)."""
+    import bm25s
+
+    from index.bm25 import BM25Searcher
+    from index.query import ActSearcher
+
+    root = store / "index"
+    lucene = BM25Searcher(root)
+    samples: dict[str, list[float]] = {}
+    with ActSearcher(store) as searcher:
+        searcher.query(queries[0][0], queries[0][1], k=10)  # loads the JVM side, FAISS and the encoder
+        samples["hybrid_act_query_first"] = timed(lambda act, text: searcher.query(act, text, k=10), warmup)
+        samples["hybrid_act_query"] = timed(lambda act, text: searcher.query(act, text, k=10), queries)
+        samples["act_query_no_text"] = timed(lambda act, text: searcher.query(act, None, k=10), queries)
+        # the hybrid query's two big parts alone (in the query they overlap: encoder thread + Lucene)
+        samples["query_encoding"] = timed(lambda act, text: searcher._dense.encode_query(text), queries)
+        samples["bm25_top50_ours"] = timed(lambda act, text: searcher._bm25.search(text, k=searcher.bm25_depth),
+                                           queries)
+        backend = searcher._dense.query_backend
+    timed(lambda act, text: lucene.searcher.search(text, k=10), warmup)
+    samples["pyserini_lucene_k10"] = timed(lambda act, text: lucene.searcher.search(text, k=10), queries)
+    lucene.close()
+    if retriever is not None:
+        def bm25s_k10(act, text):
+            retriever.retrieve(bm25s.tokenize([text], stopwords="en", show_progress=False), k=10, show_progress=False)
+
+        timed(bm25s_k10, warmup)
+        samples["bm25s_k10"] = timed(bm25s_k10, queries)
+    return {"query_encoder_backend": backend, "queries": len(queries), "warmup_queries": len(warmup),
+            "latency": {name: percentiles(v) for name, v in samples.items()}}
+
+
+def bench_size(base: Path, size: int, work: Path, cache: Path, queries: list[tuple[str, str]],
+               warmup: list[tuple[str, str]]) -> dict:
     import bm25s
 
     from index.acts import tag_acts
@@ -156,35 +207,7 @@ def bench_size(base: Path, size: int, work: Path, cache: Path, queries: list[tup
     out["tag_turns_per_s"] = round(size / tagged.seconds, 1)
     out["acts"] = tagged.counts
 
-    lucene = BM25Searcher(root)
-    samples = {"hybrid_act_query": [], "act_query_no_text": [], "pyserini_lucene_k10": [], "bm25s_k10": []}
-    with ActSearcher(store) as searcher:
-        searcher.query(queries[0][0], queries[0][1], k=10)  # loads the JVM side, FAISS and the encoder
-        for act, text in queries:
-            t0 = time.perf_counter()
-            searcher.query(act, text, k=10)
-            t1 = time.perf_counter()
-            searcher.query(act, None, k=10)
-            t2 = time.perf_counter()
-            lucene.searcher.search(text, k=10)
-            t3 = time.perf_counter()
-            retriever.retrieve(bm25s.tokenize([text], stopwords="en", show_progress=False), k=10,
-                               show_progress=False)
-            t4 = time.perf_counter()
-            for name, dt in zip(samples, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                samples[name].append(dt)
-        # the hybrid query's two big parts, alone (they overlap in the query: encoder thread + Lucene)
-        for act, text in queries:
-            t0 = time.perf_counter()
-            searcher._dense.encode_query(text)
-            t1 = time.perf_counter()
-            searcher._bm25.search(text, k=searcher.bm25_depth)
-            t2 = time.perf_counter()
-            samples.setdefault("query_encoding", []).append(t1 - t0)
-            samples.setdefault("bm25_top50_ours", []).append(t2 - t1)
-        out["query_encoder_backend"] = searcher._dense.query_backend
-    lucene.close()
-    out["latency"] = {name: percentiles(v) for name, v in samples.items()}
+    out.update(bench_queries(store, queries, warmup, retriever))
     shutil.rmtree(store, ignore_errors=True)
     return out
 
@@ -193,7 +216,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
-    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--queries", type=int, default=200, help="measured act queries (half story, half explanation)")
+    parser.add_argument("--warmup", type=int, default=100, help="disjoint act queries answered before measuring")
+    parser.add_argument("--query-only", metavar="STORE",
+                        help="only the query latencies, on an existing store with its index and acts")
     parser.add_argument("--work", help="scratch directory (default: a temporary one)")
     parser.add_argument("--encoder-sample", type=int, default=300, help="texts for the bare-vs-cold encoder run")
     parser.add_argument("--warm-cache", help="an embedding cache dir (STORE/index/embeddings/<encoder>) to start from")
@@ -213,15 +239,24 @@ def main() -> int:
     # Act queries: prompts ask for stories, questions for explanations (both real titles).
     prompts = [p["title"] for p in checkset.posts if p["id"].startswith("wp")]
     questions = [p["title"] for p in checkset.posts if not p["id"].startswith("wp")]
-    queries = [("story", t) for t in prompts[: args.queries // 2]]
-    queries += [("explanation", t) for t in questions[: args.queries - len(queries)]]
+    half = args.queries // 2
+    queries = [("story", t) for t in prompts[:half]] + [("explanation", t) for t in questions[:args.queries - half]]
+    warm = args.warmup // 2
+    warmup = ([("story", t) for t in prompts[half:half + warm]]
+              + [("explanation", t) for t in questions[args.queries - half:args.queries - half + args.warmup - warm]])
+    if len(queries) < args.queries or len(warmup) < args.warmup:
+        raise SystemExit(f"the check set has {len(prompts)} prompts and {len(questions)} questions: "
+                         "fewer --queries/--warmup")
+    if args.query_only:
+        print(json.dumps(bench_queries(Path(args.query_only), queries, warmup), indent=2))
+        return 0
 
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version()}, "sizes": {}}
     result["encoder"], cache = bench_encoder(base, work, args.encoder_sample, args.warm_cache)
     print(json.dumps(result["encoder"]), flush=True)
     for size in args.sizes:
-        result["sizes"][str(size)] = bench_size(base, size, work, cache, queries)
+        result["sizes"][str(size)] = bench_size(base, size, work, cache, queries, warmup)
         print(json.dumps({str(size): result["sizes"][str(size)]}), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -22,6 +22,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -326,6 +327,16 @@ def build_dense(comment_ids: list[str], texts: list[str], root: str | Path,
                        encode_s=stats["encode_s"], index_type=index_type, mode=mode, dir=str(build_dir))
 
 
+class _Pooled:
+    """A future of the transformer's output that pools it on `result()` (on the caller's thread)."""
+
+    def __init__(self, hidden: Future, pool: Callable[[np.ndarray], np.ndarray]):
+        self._hidden, self._pool = hidden, pool
+
+    def result(self) -> np.ndarray:
+        return self._pool(self._hidden.result())
+
+
 class DenseSearcher:
     """The live dense index of an index root; the encoder loads on the first text query."""
 
@@ -417,17 +428,16 @@ class DenseSearcher:
         finally:
             torch.set_num_threads(threads)
 
-    def encode_query_in(self, executor, text: str) -> Callable[[], np.ndarray]:
-        """Start encoding `text` on `executor`; the returned function waits for the vector.
+    def encode_query_in(self, executor, text: str) -> Future:
+        """Start encoding `text` on `executor`: a future of the (1, dim) vector.
 
-        With ONNX only the transformer runs there: it holds no GIL, while tokenising and pooling
-        (Python, which would wait on the calling thread's Python for the GIL) stay here."""
+        With ONNX only the transformer runs there: it holds no GIL, while tokenising (here) and
+        pooling (in `result()`) are Python, which would wait on the calling thread's Python for the GIL."""
         onnx = self._onnx_encoder()
         if onnx is None:
-            return executor.submit(self.encode_query, text).result
+            return executor.submit(self.encode_query, text)
         features = onnx.features(text)
-        hidden = executor.submit(onnx.run, features)
-        return lambda: onnx.pool(hidden.result(), features)
+        return _Pooled(executor.submit(onnx.run, features), lambda hidden: onnx.pool(hidden, features))
 
     @property
     def query_backend(self) -> str | None:

@@ -6,8 +6,9 @@ Without TEXT the turns tagged TYPE come by act confidence (ties: comment id). Wi
 searches only inside the act (a FAISS bitmap selector, built once per act; exact for flat
 indexes); the BM25 side keeps the act's turns among its top `bm25_depth` (50) hits. The query's
 transformer (ONNX Runtime on the CPU, see index.query_encoder) runs in a second thread while Lucene
-searches (pruned top-k, ids from doc values, see index.bm25). On the 2-vCPU machines measured, the
-two overlap little (docs/bench/index.md): the encoding is the part to make cheaper next.
+searches on this one (pruned top-k on one thread, ids from doc values, see index.bm25). At 1M
+turns on 2 vCPUs the encoding (≈ 10 ms of one core for a 35-token query, near its fp32 peak) is
+the floor; each query also slows the other half down (shared cache and memory bandwidth).
 
 `ActSearcher` loads everything once, so a process answering many queries (the benchmark, a
 server) pays the JVM start, the index loads and the encoder load once.
@@ -111,7 +112,7 @@ class ActSearcher:
             from index.dense import DenseSearcher
 
             self._dense = DenseSearcher(self.root)
-            self._bm25 = BM25Searcher(self.root)
+            self._bm25 = BM25Searcher(self.root, threads=1)  # the encoder has the other core
             self._candidates.clear()
             for act in self.acts:  # at load, not in some act's first query (≈0.1 s per 250k turns)
                 self._candidates_for(act, None)
@@ -133,7 +134,8 @@ class ActSearcher:
         # The query's transformer (ONNX Runtime, no GIL) runs on the second core while Lucene searches.
         query_vector = self._dense.encode_query_in(self._encoder_thread, text)
         lexical = [(d, s) for d, s in self._bm25.search(text, k=self.bm25_depth) if d in allowed]
-        semantic = self._dense.search_vector(query_vector(), k=max(k, self.dense_depth), restriction=restriction)
+        semantic = self._dense.search_vector(query_vector.result(), k=max(k, self.dense_depth),
+                                             restriction=restriction)
         return fuse([lexical, semantic], method=self.fusion, k=k, alpha=self.alpha)
 
     def _turns(self, ids: list[str]) -> dict[str, dict]:

@@ -42,6 +42,23 @@ def _features(st, text: str) -> dict[str, np.ndarray]:
     return {k: v.numpy().astype(np.int64) for k, v in features.items() if hasattr(v, "numpy")}
 
 
+def _rust_tokenizer(st):
+    """The model's Rust tokenizer, truncating like sentence-transformers, or None.
+
+    Calling it directly takes ≈ 0.1 ms per query against ≈ 0.4 ms through `st.preprocess`
+    (batch padding, tensors); `OnnxQueryEncoder` uses it only after checking it gives the same ids."""
+    transformer = _pipeline(st)[0]
+    backend = getattr(getattr(transformer, "tokenizer", None), "backend_tokenizer", None)
+    if backend is None or getattr(transformer, "do_lower_case", False) or not transformer.max_seq_length:
+        return None
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(backend.to_str())  # a copy: the model's own stays as configured
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(transformer.max_seq_length)
+    return tokenizer
+
+
 def export(st, path: Path) -> None:
     """The transformer's last hidden state for one text (batch 1, any length) as an ONNX graph.
 
@@ -92,9 +109,22 @@ class OnnxQueryEncoder:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
+        self.tokenizer = _rust_tokenizer(st)
+        probes = ["Why is the sky blue? Explain like I'm five.", "[WP] tl;dr " * 200]  # one past the limit
+        if self.tokenizer is not None and not all(self._same_ids(p) for p in probes):
+            self.tokenizer = None
+
+    def _same_ids(self, text: str) -> bool:
+        ours, theirs = self.features(text), _features(self.st, text)
+        return all(np.array_equal(ours[name], theirs[name]) for name in self.inputs)
 
     def features(self, text: str) -> dict[str, np.ndarray]:
-        return _features(self.st, text)
+        if self.tokenizer is None:
+            return _features(self.st, text)
+        encoding = self.tokenizer.encode(text)
+        columns = {"input_ids": encoding.ids, "attention_mask": encoding.attention_mask,
+                   "token_type_ids": encoding.type_ids}
+        return {name: np.array([columns[name]], dtype=np.int64) for name in self.inputs}
 
     def run(self, features: dict[str, np.ndarray]) -> np.ndarray:
         """The transformer alone: ONNX Runtime releases the GIL for all of it, so another thread

@@ -36,3 +36,20 @@ def tokenizer(shared_data):
     from training.models import load_tokenizer
 
     return load_tokenizer(str(shared_data / "tokenizer" / "gpt2"))
+
+
+@pytest.fixture(scope="session")
+def labelled_real(shared_data, tmp_path_factory):
+    """A factory: (name, shared file, LabelConfig or None) -> (store dir, label report) of a fresh
+    store that holds that file ingested, its turns built and labelled."""
+    from feedback.labels import label_store
+    from mining.ingest import ingest
+    from mining.turns import build_turns
+
+    def build(name: str, source: str, config=None):
+        store = tmp_path_factory.mktemp(name) / "store"
+        assert ingest([shared_data / source], store).ok
+        build_turns(store)
+        return store, label_store(store, config)
+
+    return build

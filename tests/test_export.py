@@ -14,9 +14,7 @@ from ahf.cli import main as ahf_main
 from ahf.console import UserError
 from feedback.export import MANIFEST, export_dataset, split_of
 from feedback.labels import ExportConfig, LabelConfig, label_store
-from mining.ingest import ingest
 from mining.store import Store
-from mining.turns import build_turns
 
 FUNNY = "reddit-api/TestCommentForest.test_replace__all.json"
 RC_2005 = "pushshift/RC_2005-12.zst"
@@ -25,22 +23,14 @@ RC_2005 = "pushshift/RC_2005-12.zst"
 DUMP_CONFIG = LabelConfig.model_validate({"shp": {"unknown_post": "allow", "top_level_only": False}})
 
 
-def _labelled(shared_data, tmp_path_factory, name, source, config=None):
-    store = tmp_path_factory.mktemp(name) / "store"
-    assert ingest([shared_data / source], store).ok
-    build_turns(store)
-    label_store(store, config)
-    return store
+@pytest.fixture(scope="module")
+def funny(labelled_real):
+    return labelled_real("funny", FUNNY)[0]
 
 
 @pytest.fixture(scope="module")
-def funny(shared_data, tmp_path_factory):
-    return _labelled(shared_data, tmp_path_factory, "funny", FUNNY)
-
-
-@pytest.fixture(scope="module")
-def dump(shared_data, tmp_path_factory):
-    return _labelled(shared_data, tmp_path_factory, "dump", RC_2005, DUMP_CONFIG)
+def dump(labelled_real):
+    return labelled_real("dump", RC_2005, DUMP_CONFIG)[0]
 
 
 def _jsonl(path):

@@ -14,32 +14,22 @@ import pytest
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from feedback.export import export_dataset
-from feedback.labels import LabelConfig, label_store
-from mining.ingest import ingest
+from feedback.labels import LabelConfig
 from mining.store import Store
-from mining.turns import build_turns
 
 FUNNY = "reddit-api/TestCommentForest.test_replace__all.json"
 RC_2005 = "pushshift/RC_2005-12.zst"
 DUMP_CONFIG = LabelConfig.model_validate({"shp": {"unknown_post": "allow", "top_level_only": False}})
 
 
-def _labelled(shared_data, tmp_path_factory, name, source, config=None):
-    store = tmp_path_factory.mktemp(name) / "store"
-    assert ingest([shared_data / source], store).ok
-    build_turns(store)
-    report = label_store(store, config)
-    return store, report
+@pytest.fixture(scope="module")
+def funny(labelled_real):
+    return labelled_real("funny", FUNNY)
 
 
 @pytest.fixture(scope="module")
-def funny(shared_data, tmp_path_factory):
-    return _labelled(shared_data, tmp_path_factory, "funny", FUNNY)
-
-
-@pytest.fixture(scope="module")
-def dump(shared_data, tmp_path_factory):
-    return _labelled(shared_data, tmp_path_factory, "dump", RC_2005, DUMP_CONFIG)
+def dump(labelled_real):
+    return labelled_real("dump", RC_2005, DUMP_CONFIG)
 
 
 def _raw(store):

@@ -199,6 +199,7 @@ def test_onnx_query_encoder_reproduces_sentence_transformers(store, tmp_path):
     expected = searcher.encoder.encode(queries)
     got = np.concatenate([searcher.encode_query(q) for q in queries])
     assert searcher.query_backend == "onnx", searcher.query_backend_note
+    assert searcher._onnx_encoder().tokenizer is not None  # the direct Rust tokenizer, checked at load
     assert np.abs(got - expected).max() < 1e-4
     # A stale export (here: a file that is not the model) is refused, never trusted.
     (tmp_path / ONNX_FILE).write_bytes(b"not onnx")
