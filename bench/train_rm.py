@@ -7,7 +7,8 @@ Model: GPT-2 of the chosen size with random init (gpt2-xl: 48 x 1600, the speed 
 
 Systems (`--systems`):
 - `ahf`: training.rm's path: DeepSpeed engine (`--deepspeed`), bf16 on GPU, chosen and rejected
-  packed with their shared prompt into rows of `--pack-tokens` (4-D block mask through SDPA), fused
+  packed with their shared prompt into rows of `--pack-tokens` (4-D block mask through SDPA, or with
+  `--attention block_sparse` FlexAttention skipping the masked tiles: CUDA only), fused
   torch AdamW, optional `--compile`.
 - `trl`: trl.RewardTrainer, per-device batch `--trl-batch`, bf16 on GPU.
 - `trl_ds`: the same with the same DeepSpeed JSON.
@@ -121,7 +122,17 @@ def summarise(name, tokens, pairs, seconds, params, peak_tflops, extra=None, pai
 def run_ahf(pairs, args, peak_tflops) -> dict:
     reset_memory()
     torch.manual_seed(args.seed)
-    model = RewardModel(build_backbone("bench", gpt2_config(args.size), attn_implementation="sdpa"))
+    block_sparse = args.attention == "block_sparse"
+    if block_sparse and not torch.cuda.is_available():
+        raise SystemExit("--attention block_sparse needs CUDA (FlexAttention has no backward on the CPU)")
+    attn = "sdpa"
+    if block_sparse:
+        from training.attention import BLOCK_SPARSE, without_attention_dropout
+
+        attn = BLOCK_SPARSE
+    model = RewardModel(build_backbone("bench", gpt2_config(args.size), attn_implementation=attn))
+    if block_sparse:
+        without_attention_dropout(model.backbone)
     if args.gradient_checkpointing:
         model.backbone.gradient_checkpointing_enable()
     params = non_embedding_params(model)
@@ -130,7 +141,7 @@ def run_ahf(pairs, args, peak_tflops) -> dict:
     engine, _, _ = initialize(model, config)
     if args.compile:
         engine.module.backbone = torch.compile(engine.module.backbone, dynamic=True)
-    batches = pair_batches(pairs, "shared_prompt", 0, args.pack_tokens, EOS, random.Random(args.seed))
+    batches = pair_batches(pairs, "shared_prompt", 0, args.pack_tokens, EOS, random.Random(args.seed), block_sparse)
     device = engine.device
     tokens = pair_count = unshared = 0
     started = None
@@ -152,7 +163,8 @@ def run_ahf(pairs, args, peak_tflops) -> dict:
     sync()
     result = summarise("ahf", tokens, pair_count, time.perf_counter() - started, params, peak_tflops,
                        {"deepspeed": args.deepspeed, "bf16": config["bf16"]["enabled"], "layout": "shared_prompt",
-                        "pack_tokens": args.pack_tokens, "compile": args.compile, "loss": loss.item()},
+                        "attention": args.attention, "pack_tokens": args.pack_tokens, "compile": args.compile,
+                        "loss": loss.item()},
                        pair_tokens=unshared)
     del engine, model
     return result
@@ -221,6 +233,8 @@ def main(argv=None) -> int:
     parser.add_argument("--deepspeed", default="zero2")
     parser.add_argument("--systems", default="ahf,trl,trl_ds")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "block_sparse"],
+                        help="packed rows: dense mask through SDPA, or FlexAttention (training.attention; CUDA only)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--peak-tflops", type=float, help="device bf16 dense peak (default: by GPU name)")
     parser.add_argument("--seed", type=int, default=0)

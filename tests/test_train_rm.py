@@ -146,3 +146,38 @@ def test_tier_conditioned_reward_model(tmp_path, pairs_file):
     assert card["head"] == "tier"
     loaded = RewardModel.load(tmp_path / "tier")
     assert loaded.head.out_features == 3
+
+
+@pytest.mark.parametrize("layout", ["varlen", "shared_prompt"])
+def test_block_sparse_attention_matches_the_dense_mask(layout, pairs_file, tokenizer):
+    """FlexAttention on packed rows (training.attention) gives SDPA's rewards with the dense mask.
+    (Forward only: FlexAttention has no backward on the CPU; training with it needs CUDA.)"""
+    from training.attention import BLOCK_SPARSE
+
+    encoded, _ = encode_pairs(D.load_pairs(pairs_file, detok=True)[:5], tokenizer, LengthPolicy(96, 32))
+    dense, sparse = _tiny_rm(), _tiny_rm()
+    sparse.backbone.config._attn_implementation = BLOCK_SPARSE
+    build_backbone("tiny", TINY_GPT2, attn_implementation=BLOCK_SPARSE)  # registers the implementation
+    (dense_batch, _), = pair_batches(encoded, layout, 0, 1024, tokenizer.pad_token_id, None)
+    (sparse_batch, _), = pair_batches(encoded, layout, 0, 1024, tokenizer.pad_token_id, None, block_sparse=True)
+    assert sparse_batch.input_ids.shape[1] == 1024 and sparse_batch.attention_mask is None
+    assert sparse_batch.real_tokens == dense_batch.real_tokens < 1024  # padded to one shape, counted as real
+    with torch.no_grad():
+        expected = dense.eval()(**dense_batch.model_inputs("cpu"))
+        got = sparse.eval()(**sparse_batch.model_inputs("cpu"))
+    assert expected.shape == got.shape == (2 * len(encoded),)
+    assert torch.allclose(expected, got, atol=1e-5)
+    # without a block mask the same model attends like SDPA (padded scoring batches)
+    (padded, _), = pair_batches(encoded, "none", 8, 0, tokenizer.pad_token_id, None)
+    with torch.no_grad():
+        assert torch.allclose(dense(**padded.model_inputs("cpu")), sparse(**padded.model_inputs("cpu")), atol=1e-5)
+
+
+def test_block_sparse_training_needs_cuda(tmp_path, pairs_file):
+    from ahf.console import UserError
+    from training.rm import RMConfig, train_reward_model
+
+    config = RMConfig(model="tiny", tokenizer=str(pairs_file.parents[1] / "tokenizer" / "gpt2"), random_init=TINY_GPT2,
+                      packing="shared_prompt", attention="block_sparse")
+    with pytest.raises(UserError, match="CUDA"):
+        train_reward_model(config, pairs_file, tmp_path / "rm")

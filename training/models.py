@@ -69,6 +69,10 @@ def build_backbone(model: str, random_init: dict | None = None, causal_lm: bool 
 
     cls = AutoModelForCausalLM if causal_lm else AutoModel
     attn = attn_implementation or attention_implementation()
+    if attn == "ahf_block_sparse":
+        from training.attention import register
+
+        register()
     if random_init:
         settings = dict(random_init)
         model_type = settings.pop("model_type", "gpt2")
@@ -130,8 +134,11 @@ class RewardModel(nn.Module):
         weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, score_index=None, task_ids=None):
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, score_index=None, task_ids=None,
+                block_mask=None):
+        # a BlockMask (packed rows, training.attention) reaches the attention function as a keyword
+        extra = {} if block_mask is None else {"block_mask": block_mask}
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **extra)
         pooled = self.pool(out.last_hidden_state, attention_mask if attention_mask is not None
                            and attention_mask.dim() == 2 else None, score_index)
         logits = self.head(pooled.to(self.head.weight.dtype))

@@ -45,6 +45,9 @@ class RMConfig(TrainCommon):
     eval_pairs: str | dict[str, str] | None = None  # a held-out file instead of a split ({task: file} when joint)
     pack_tokens: int = 4096  # tokens per packed row (packed layouts)
     packing: str = Field("auto", pattern="^(auto|none|varlen|shared_prompt)$")
+    # packed rows: a dense (L, L) mask through SDPA, or FlexAttention skipping the masked tiles
+    # (training.attention: no attention dropout; unmeasured on a GPU so far, unfused so slow on the CPU)
+    attention: str = Field("sdpa", pattern="^(sdpa|block_sparse)$")
     eval_batch_size: int = 16
     # joint multi-task training (several --task NAME=FILE): how the task is shown to the model, and
     # whether smaller tasks are up-sampled to the largest each epoch
@@ -103,10 +106,11 @@ def resolve_packing(packing: str, model: RewardModel) -> str:
 
 
 def pair_batches(encoded: list[dict], packing: str, micro_batch_size: int, pack_tokens: int,
-                 pad_id: int, shuffle: random.Random | None) -> list:
+                 pad_id: int, shuffle: random.Random | None, block_sparse: bool = False) -> list:
     """(Batch, margins) in training order; `batch.extras["pairs"]` = indices into `encoded`,
     `batch.extras["tasks"]` = each pair's task index (0 for single-task). Scores come out as all chosen
-    then all rejected, in that order."""
+    then all rejected, in that order. `block_sparse`: packed rows of exactly `pack_tokens` whose mask
+    is built by training.attention."""
     batches = []
     if packing == "none":
         for members in shuffled_chunks(len(encoded), micro_batch_size, shuffle):
@@ -126,17 +130,23 @@ def pair_batches(encoded: list[dict], packing: str, micro_batch_size: int, pack_
     bins = first_fit(lengths, pack_tokens)
     if shuffle:
         shuffle.shuffle(bins)
+    sparse_length = pack_tokens if block_sparse else None
+    if block_sparse and max(lengths) > pack_tokens:
+        raise UserError(f"attention=block_sparse pads every packed row to pack_tokens={pack_tokens}, but a pair "
+                        f"needs {max(lengths)} tokens: raise pack_tokens")
     for members in bins:
         chunk = [encoded[i] for i in members]
         if shared:
-            batch = pack_rows([[e["prompt"], e["chosen"], e["rejected"]] for e in chunk], pad_id, True, True)
+            batch = pack_rows([[e["prompt"], e["chosen"], e["rejected"]] for e in chunk], pad_id, True, True,
+                              block_sparse_length=sparse_length)
             # scores come out chosen, rejected per pair: reorder to all chosen then all rejected
             batch.score_index = torch.cat([batch.score_index[0::2], batch.score_index[1::2]])
         else:
             seqs = [[e["prompt"] + e["chosen"]] for e in chunk] + [[e["rejected_prompt"] + e["rejected"]] for e in chunk]
             from training.models import attention_implementation
-            batch = pack_rows(seqs, pad_id, True, False,
-                              use_position_boundaries=attention_implementation() == "flash_attention_2")
+            batch = pack_rows(seqs, pad_id, True, False, block_sparse_length=sparse_length,
+                              use_position_boundaries=not block_sparse
+                              and attention_implementation() == "flash_attention_2")
         batch.extras["pairs"] = members
         batch.extras["tasks"] = torch.tensor([e.get("task", 0) for e in chunk])
         batches.append((batch, torch.tensor([e["margin"] for e in chunk])))
@@ -254,7 +264,15 @@ def evaluate_reward_model(model_dir: str | Path, pairs_path: str | Path, detoken
 def build_reward_model(config: RMConfig, tasks: list[str] | None = None) -> tuple[RewardModel, object]:
     # the 4-D masks of shared_prompt / padded-varlen layouts need SDPA; flash-attention 2 only for varlen
     attn = None if config.packing == "varlen" else "sdpa"
+    if config.attention == "block_sparse":
+        from training.attention import BLOCK_SPARSE
+
+        attn = BLOCK_SPARSE
     backbone = build_backbone(config.model, config.random_init, attn_implementation=attn)
+    if config.attention == "block_sparse":
+        from training.attention import without_attention_dropout
+
+        without_attention_dropout(backbone)
     if config.gradient_checkpointing and hasattr(backbone, "gradient_checkpointing_enable"):
         backbone.gradient_checkpointing_enable()
     tokenizer = load_tokenizer(config.tokenizer or config.model)
@@ -270,6 +288,9 @@ def train_reward_model(config: RMConfig, data_path: str | Path | dict[str, str |
     """Train on `data_path` (pairs, or pointwise tiers for objective=tier), evaluate on held-out prompts.
     `data_path` as {task: pairs file} (two or more) trains one joint multi-task model (`config.multitask`)."""
     tasks = _check_multitask(config, data_path)
+    if config.attention == "block_sparse" and not torch.cuda.is_available():
+        raise UserError("attention=block_sparse trains on CUDA only (FlexAttention has no backward on the CPU); "
+                        "use attention=sdpa")
     torch.manual_seed(config.seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -306,6 +327,10 @@ def train_reward_model(config: RMConfig, data_path: str | Path | dict[str, str |
     if packing == "shared_prompt" and config.packing == "auto" and any(
             e["rejected_prompt"] is not e["prompt"] for e in encoded):
         packing = "varlen"
+    block_sparse = config.attention == "block_sparse"
+    if block_sparse and packing == "none":
+        raise UserError("attention=block_sparse is for packed rows: set packing=shared_prompt or varlen "
+                        "(packing=auto packs only on a GPU)")
 
     rng = random.Random(config.seed)
     task_of = [e.get("task", 0) for e in encoded]
@@ -316,7 +341,8 @@ def train_reward_model(config: RMConfig, data_path: str | Path | dict[str, str |
         epoch = encoded  # proportional: every pair once, mixed across tasks by the batcher's shuffle
         if tasks and config.task_balance == "equal":
             epoch = [encoded[i] for i in M.epoch_order(task_of, "equal", rng)]
-        return pair_batches(epoch, packing, config.micro_batch_size, config.pack_tokens, tokenizer.pad_token_id, rng)
+        return pair_batches(epoch, packing, config.micro_batch_size, config.pack_tokens, tokenizer.pad_token_id, rng,
+                            block_sparse)
 
     first_epoch = make_batches()
     per_epoch, pairs_per_epoch = len(first_epoch), sum(len(b.extras.get("pairs", ())) for b, _ in first_epoch)

@@ -102,6 +102,9 @@ class Batch:
     score_index: torch.Tensor | None = None
     real_tokens: int = 0
     extras: dict = field(default_factory=dict)
+    # block-sparse rows (training.attention): the mask as segment ids and shared-prompt flags
+    segments: torch.Tensor | None = None
+    shared: torch.Tensor | None = None
 
     def model_inputs(self, device) -> dict:
         out = {"input_ids": self.input_ids.to(device)}
@@ -109,6 +112,11 @@ class Batch:
             value = getattr(self, name)
             if value is not None:
                 out[name] = value.to(device)
+        if self.segments is not None:
+            from training.attention import segment_block_mask
+
+            shared = None if self.shared is None else self.shared.to(device)
+            out["block_mask"] = segment_block_mask(self.segments.to(device), shared)
         return out
 
 
@@ -132,13 +140,15 @@ def pad_rows(rows: list[list[int]], pad_id: int) -> Batch:
 
 
 def pack_rows(blocks: list[list[list[int]]], pad_id: int, causal: bool, shared_prompt: bool,
-              use_position_boundaries: bool = False) -> Batch:
+              use_position_boundaries: bool = False, block_sparse_length: int | None = None) -> Batch:
     """Pack `blocks` (each a list of segments) into one row.
 
     varlen: each block is one sequence [tokens]; the score is read at its last token.
     shared_prompt: each block is [prompt, chosen, rejected]; scores are read at the ends of chosen and
     rejected (in that order, block by block). With `use_position_boundaries` (flash-attention varlen) no
-    mask is built: the kernels take sequence boundaries from the restarting position_ids.
+    mask is built: the kernels take sequence boundaries from the restarting position_ids. With
+    `block_sparse_length` the row is padded to that many tokens (one shape: one compiled kernel) and the
+    mask stays as segment ids for training.attention (`Batch.model_inputs` builds the BlockMask).
     """
     ids, segments, positions, shared, score_at = [], [], [], [], []
     for b, block in enumerate(blocks):
@@ -161,6 +171,15 @@ def pack_rows(blocks: list[list[list[int]]], pad_id: int, causal: bool, shared_p
             positions += list(range(len(sequence)))
             shared += [False] * len(sequence)
             score_at.append(len(ids) - 1)
+    real = len(ids)
+    if block_sparse_length is not None:
+        if real > block_sparse_length:
+            raise ValueError(f"a packed row of {real} tokens does not fit block_sparse_length={block_sparse_length}")
+        padding = block_sparse_length - real
+        ids, positions = ids + [pad_id] * padding, positions + [0] * padding
+        segments, shared = segments + [-1] * padding, shared + [False] * padding
+        return Batch(torch.tensor([ids]), None, torch.tensor([positions]), torch.tensor(score_at), real_tokens=real,
+                     segments=torch.tensor(segments), shared=torch.tensor(shared) if shared_prompt else None)
     input_ids = torch.tensor([ids], dtype=torch.long)
     position_ids = torch.tensor([positions], dtype=torch.long)
     if use_position_boundaries and not shared_prompt:
