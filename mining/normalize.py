@@ -14,7 +14,6 @@ Two paths give identical rows:
 
 from __future__ import annotations
 
-import fcntl
 import math
 import os
 import select
@@ -349,13 +348,19 @@ class ParsedBlock:
 class BlockParser:
     """Parses NDJSON blocks with DuckDB's JSON reader: an in-memory connection reading a private FIFO.
 
-    Use as a context manager (it owns a temporary directory with the FIFO) from one thread.
+    Use as a context manager (it owns a temporary directory with the FIFO) from one thread. Where
+    the OS has no named pipes (Windows) each block is written to a file there instead: one block
+    (≈ 16 MiB) on disk at a time, never the decompressed dump.
     """
 
     def __init__(self) -> None:
         self._dir = tempfile.mkdtemp(prefix="ahf-blocks-")
         self._fifo = os.path.join(self._dir, "block.ndjson")
-        os.mkfifo(self._fifo, 0o600)
+        self.uses_pipe = hasattr(os, "mkfifo")
+        if self.uses_pipe:
+            os.mkfifo(self._fifo, 0o600)
+        else:
+            open(self._fifo, "wb").close()  # the statement below is bound to an existing file
         self._con = duckdb.connect()
         # one thread: the ingest runs the decompressor and the store writer beside it
         self._con.execute("SET threads = 1")
@@ -381,6 +386,15 @@ class BlockParser:
         `block` is bytes, or parts whose concatenation is the block (`LineBlock.parts`).
         """
         parts = [block] if isinstance(block, (bytes, bytearray, memoryview)) else block
+        if not self.uses_pipe:
+            with open(self._fifo, "wb") as file:
+                for part in parts:
+                    file.write(part)
+            try:
+                table = self._con.sql("EXECUTE parse_block").to_arrow_table()
+            except duckdb.Error:
+                return None
+            return self._rows(table, parts, n_lines)
         writer = threading.Thread(target=self._feed, args=(parts,), name="block-feed", daemon=True)
         writer.start()
         try:
@@ -389,12 +403,18 @@ class BlockParser:
             return None  # bad JSON, a duplicate key, a line that is not an object, a huge record
         finally:
             self._drain(writer)
+        return self._rows(table, parts, n_lines)
+
+    @staticmethod
+    def _rows(table: pa.Table, parts: Sequence[bytes | memoryview], n_lines: int) -> ParsedBlock | None:
         if table.num_rows != n_lines:
             return None  # blank lines: DuckDB skips them, so rows no longer match lines
         return _split(table, parts)
 
     def _feed(self, parts: Sequence[bytes | memoryview]) -> None:
         try:
+            import fcntl  # POSIX, like the pipe itself
+
             with open(self._fifo, "wb", buffering=0) as pipe:
                 try:
                     fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, 1 << 20)
