@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from ahf.console import UserError
+from training.attention import BLOCK_SPARSE
+from training.attention import register as register_block_sparse
 from training.multitask import TASK_MARKER
 
 MODEL_CARD = "ahf_model.json"
@@ -69,10 +71,8 @@ def build_backbone(model: str, random_init: dict | None = None, causal_lm: bool 
 
     cls = AutoModelForCausalLM if causal_lm else AutoModel
     attn = attn_implementation or attention_implementation()
-    if attn == "ahf_block_sparse":
-        from training.attention import register
-
-        register()
+    if attn == BLOCK_SPARSE:
+        register_block_sparse()
     if random_init:
         settings = dict(random_init)
         model_type = settings.pop("model_type", "gpt2")
