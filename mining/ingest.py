@@ -12,14 +12,15 @@ import os
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import orjson
 
-from mining.normalize import BlockParser, RowBuffer, SkipRecord, normalize_record
+from mining.normalize import ParsedBlock, ParserPool, RowBuffer, SkipRecord, normalize_record
 from mining.readers import Document, InputError, LineBlock, read_items, split_lines
 from mining.reddit_api import iter_document
 from mining.store import ROW_GROUP_ROWS, Store
@@ -195,9 +196,9 @@ class _Writer:
             raise error
 
 
-def _ingest_lines(block: LineBlock, report: FileReport, rows: RowBuffer, name: str,
-                  retrieved_default: int | None, parser: BlockParser) -> None:
-    parsed = parser.parse(block.parts, block.n_lines) if retrieved_default is None else None
+def _ingest_lines(block: LineBlock, parsed: ParsedBlock | None, report: FileReport, rows: RowBuffer, name: str,
+                  retrieved_default: int | None) -> None:
+    """Add a block's rows: the fast path's `parsed` rows (None: DuckDB refused the block), else line by line."""
     if parsed is None:
         _ingest_line_by_line(block, report, rows, name, retrieved_default)
         return
@@ -246,28 +247,50 @@ def _add_record(record: dict | str, where: str, report: FileReport, rows: RowBuf
 
 def ingest_file(store: Store, path: Path, batch_rows: int = DEFAULT_BATCH_ROWS,
                 on_bytes: Callable[[int], None] | None = None,
-                retrieved_default: int | None = None, parser: BlockParser | None = None) -> FileReport:
-    if parser is None:
-        with BlockParser() as own:
+                retrieved_default: int | None = None, parsers: ParserPool | None = None) -> FileReport:
+    if parsers is None:
+        with ParserPool(parse_threads()) as own:
             return ingest_file(store, path, batch_rows, on_bytes, retrieved_default, own)
     report = FileReport(str(path), bytes=path.stat().st_size)
     batcher = _Batcher(store, batch_rows, background=True)
+    # Blocks are parsed ahead in the pool's threads and taken back in order, so rows keep line order.
+    in_flight: deque[tuple[LineBlock, Future | None]] = deque()
+
+    def finish_oldest() -> None:
+        block, parsed = in_flight.popleft()
+        _ingest_lines(block, parsed.result() if parsed else None, report, batcher.rows, str(path), retrieved_default)
+        if on_bytes:
+            on_bytes(block.size)
+        batcher.maybe_flush()
+
     try:
-        for item in read_items(path):
-            if isinstance(item, LineBlock):
-                _ingest_lines(item, report, batcher.rows, str(path), retrieved_default, parser)
-                if on_bytes:
-                    on_bytes(item.size)
-            else:
-                _ingest_document(item, report, batcher, str(path), retrieved_default)
-            batcher.maybe_flush()
-    except InputError as exc:
-        report.error = str(exc)  # the records read before the damage are still committed
+        try:
+            for item in read_items(path):
+                if isinstance(item, LineBlock):
+                    fast = retrieved_default is None  # (API records need the record path's default stamp)
+                    in_flight.append((item, parsers.submit(item.parts, item.n_lines) if fast else None))
+                    if len(in_flight) > parsers.size:
+                        finish_oldest()
+                else:
+                    while in_flight:
+                        finish_oldest()
+                    _ingest_document(item, report, batcher, str(path), retrieved_default)
+                    batcher.maybe_flush()
+        except InputError as exc:
+            report.error = str(exc)  # the records read before the damage are still committed
+        while in_flight:
+            finish_oldest()
     except BaseException:
         batcher.abandon()
         raise
     batcher.close()
     return report
+
+
+def parse_threads() -> int:
+    """Parser threads for the ingest: the parse is its longest stage, so two on 2 cores (the
+    decompressor and the store writer fill the rest); at most 4."""
+    return max(1, min(4, _cores()))
 
 
 def _ingest_document(doc: Document, report: FileReport, batcher: _Batcher, name: str,
@@ -297,10 +320,10 @@ def ingest(paths: Iterable[str | Path], store_dir: str | Path, batch_rows: int =
     files = expand_paths(paths)
     started = time.perf_counter()
     report = IngestReport()
-    with Store(store_dir) as store, BlockParser() as parser:
+    with Store(store_dir) as store, ParserPool(parse_threads()) as parsers:
         _prepare_bulk_load(store)
         for path in files:
-            report.files.append(ingest_file(store, path, batch_rows, on_bytes=progress, parser=parser))
+            report.files.append(ingest_file(store, path, batch_rows, on_bytes=progress, parsers=parsers))
         store.con.execute("RESET threads")  # the summary queries below are DuckDB's alone
         report.store = summary_counts(store)
     report.seconds = time.perf_counter() - started

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import select
 import shutil
 import tempfile
@@ -443,6 +444,43 @@ class BlockParser:
         finally:
             os.close(fd)
         writer.join()
+
+
+class ParserPool:
+    """`size` BlockParsers that parse blocks in worker threads, so that blocks are parsed in parallel
+    (DuckDB holds no GIL while it reads). `submit` returns a future of `BlockParser.parse`'s result;
+    the caller consumes the futures in submission order. Use as a context manager."""
+
+    def __init__(self, size: int = 1) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.size = max(1, size)
+        self._parsers = [BlockParser() for _ in range(self.size)]
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for parser in self._parsers:
+            self._free.put(parser)
+        self._executor = ThreadPoolExecutor(self.size, thread_name_prefix="block-parse")
+
+    def __enter__(self) -> ParserPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        for parser in self._parsers:
+            parser.close()
+
+    def _parse(self, parts: Sequence[bytes | memoryview], n_lines: int) -> ParsedBlock | None:
+        parser = self._free.get()
+        try:
+            return parser.parse(parts, n_lines)
+        finally:
+            self._free.put(parser)
+
+    def submit(self, parts: Sequence[bytes | memoryview], n_lines: int):
+        return self._executor.submit(self._parse, parts, n_lines)
 
 
 def _split(table: pa.Table, block: Sequence[bytes | memoryview]) -> ParsedBlock:
