@@ -633,9 +633,12 @@ the version before this change took 14.2 CPU s and 8.7 s for the same input (115
   decompressor used ~28 % of a core and the writer ran in bursts: the parse was the critical path
   and the two cores were ~66 % busy. Blocks now go to a pool of parsers (`ParserPool`: one DuckDB
   connection and pipe each, as many as cores up to 4), are parsed ahead and taken back in order, so
-  rows keep line order. Measured in turn against the one-parser version on 1M comments: 6.54 / 6.87 /
-  5.34 s before, 6.19 / 5.76 / 4.99 s after (same CPU), for ~130 MiB more peak memory (two more
-  blocks and a second DuckDB connection in flight).
+  rows keep line order. Against the one-parser version in the same run, three runs of this
+  benchmark with nothing else running (fastest of 2, 2 and 3): wall 6.12 -> 5.07 s, 7.20 -> 6.60 s,
+  6.21 -> 6.16 s (+21 %, +9 %, +1 % records/s); CPU 8.75 -> 8.66, 9.89 -> 10.81, 8.93 -> 10.28 s;
+  peak RSS +120 MiB (two more blocks and a second DuckDB connection in flight). Faster every time
+  on these 2 cores but by a margin the machine's own drift between runs (±20 %) can hide, for more
+  CPU; the design is for machines with more cores, where one parser could never use them.
 - DuckDB runs with one thread per parser connection and half the cores for the store during the ingest: the
   pipeline (reader, parser, writer) already keeps the cores busy.
 - Tried and dropped: a temporary DuckDB table per batch instead of Arrow between parser and store
