@@ -476,3 +476,36 @@ def test_gzip_bz2_xz_inputs_give_the_same_store(shared_data, tmp_path, codec):
     report = ingest([broken], tmp_path / "store2")
     assert report.errors and str(broken) in report.errors[0]
     assert report.records_read == report.ingested
+
+
+def test_parser_pool_keeps_line_order_across_many_blocks(shared_data, tmp_path, monkeypatch):
+    """Small blocks parsed ahead by three parsers: each comment's second copy (same retrieval stamp,
+    another score, one or two blocks later) still wins, as the later line; a bad line in the middle
+    is counted at its own line; the store equals the record path's rows."""
+    import functools
+
+    import mining.ingest as ingest_module
+
+    lines = _lines(shared_data / RC_2005)
+    ordered, second_copies = [], []
+    for start in range(0, len(lines), 40):  # 40 originals, then their second copies: ~1.5 blocks apart
+        chunk = lines[start:start + 40]
+        ordered += chunk
+        for line in chunk:
+            record = orjson.loads(line)
+            record["score"] = record.get("score", 0) + 1000
+            second_copies.append(orjson.dumps(record))
+            ordered.append(second_copies[-1])
+    ordered.insert(600, b"{broken")
+    path = tmp_path / "two_copies.ndjson"
+    path.write_bytes(b"\n".join(ordered) + b"\n")
+    monkeypatch.setattr(ingest_module, "read_items", functools.partial(read_items, block_bytes=16 << 10))
+    monkeypatch.setattr(ingest_module, "parse_threads", lambda: 3)
+    report = ingest([path], tmp_path / "store")
+    (file_report,) = report.files
+    assert report.records_read == 2 * len(lines) + 1 and report.skipped == {"bad_json": 1}
+    assert file_report.skip_examples["bad_json"] == [f"{path}:601"]
+    valid = ordered[:600] + ordered[601:]
+    last_copy = {row[0]: row for row in _reference(valid)[COMMENT]}
+    assert last_copy == {row[0]: row for row in _reference(second_copies)[COMMENT]}  # the second copies won
+    assert _store_rows(tmp_path / "store", "comments") == sorted(last_copy.values())
