@@ -217,15 +217,17 @@ def tag_acts(store_dir: str | Path, config: ActsConfig | None = None, index_root
     acts, conf = assign(confidences, config.min_confidence)
     table = pa.table({"comment_id": ids, "act": acts.tolist(),
                       "confidence": pa.array(conf, type=pa.float64())})
-    write_acts(store_dir, table)
+    write_acts(store_dir, table, [*config.acts, OTHER])
     counts = dict(zip(*np.unique(acts.astype(str), return_counts=True)))
     return ActsReport(turns=n, counts={k: int(v) for k, v in sorted(counts.items())},
                       seconds=time.perf_counter() - started,
                       classifier=classifier.to_dict() if classifier else None)
 
 
-def write_acts(store_dir: str | Path, table: pa.Table) -> None:
-    """Replace the `acts` table in one transaction (a failure keeps the previous one)."""
+def write_acts(store_dir: str | Path, table: pa.Table, act_types: list[str]) -> None:
+    """Replace the `acts` table, and `act_types` (every act the tagger knew, found or not: a query for
+    one it found no turns of has no hits, where an act it never knew is an error), in one transaction
+    (a failure keeps the previous ones)."""
     from mining.store import Store, transaction
 
     with Store(store_dir, create=False) as store:
@@ -236,5 +238,8 @@ def write_acts(store_dir: str | Path, table: pa.Table) -> None:
                 con.execute("DROP TABLE IF EXISTS acts")
                 con.execute("CREATE TABLE acts (comment_id VARCHAR PRIMARY KEY, act VARCHAR, confidence DOUBLE)")
                 con.execute("INSERT INTO acts SELECT comment_id, act, confidence FROM acts_batch")
+                con.execute("DROP TABLE IF EXISTS act_types")
+                con.execute("CREATE TABLE act_types (act VARCHAR PRIMARY KEY)")
+                con.executemany("INSERT INTO act_types VALUES (?)", [[act] for act in act_types])
         finally:
             con.unregister("acts_batch")

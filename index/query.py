@@ -43,6 +43,14 @@ class Hit:
         return dict(self.__dict__)
 
 
+def _act_types(con) -> list[str]:
+    """Every act the tagger knew, found or not (none for a store tagged before `act_types` existed)."""
+    if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'act_types'"
+                       ).fetchall()[0][0]:
+        return []
+    return [row[0] for row in con.execute("SELECT act FROM act_types").fetchall()]
+
+
 class ActSearcher:
     def __init__(self, store_dir: str | Path, index_root: str | Path | None = None, fusion: str = "rrf",
                  alpha: float = 0.5, bm25_depth: int = 50, dense_depth: int = 50):
@@ -63,6 +71,7 @@ class ActSearcher:
         self._conf = rows["confidence"].astype(float)
         self._subs = rows["subreddit"].astype(object)
         self.acts = sorted(set(self._acts.tolist()))
+        self.known_acts = sorted({*self.acts, *_act_types(con)})
         self._by_act: dict[str, np.ndarray] = {a: np.flatnonzero(self._acts == a) for a in self.acts}
         self._conf_of = dict(zip(self._ids.tolist(), self._conf.tolist()))
         self._sub_of = dict(zip(self._ids.tolist(), self._subs.tolist()))
@@ -86,9 +95,9 @@ class ActSearcher:
     # ------------------------------------------------------------------ candidates
 
     def _candidate_rows(self, act: str, subreddit: str | None) -> np.ndarray:
-        if act not in self._by_act:
-            raise UserError(f"unknown act {act!r}; the store has: {', '.join(self.acts)}")
-        rows = self._by_act[act]
+        if act not in self.known_acts:
+            raise UserError(f"unknown act {act!r}; the acts of this store: {', '.join(self.known_acts)}")
+        rows = self._by_act.get(act, np.empty(0, np.int64))  # a known act may have no turns here
         if subreddit is not None:
             rows = rows[self._subs[rows] == subreddit]
         return rows

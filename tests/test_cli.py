@@ -66,6 +66,16 @@ def test_demo_on_a_real_dump(shared_data, tmp_path, capsys):
     assert trained["eval"]["pairs"] > 0 and (tmp_path / "models" / "rm" / "ahf_model.json").exists()
     assert steps["evaluate reward model"]["skipped"] == "the test split of the pairs export is empty"
     assert "test split of the pairs export is empty" in _reward_model_summary(steps)[0]
+    # a query for an act the tagger knows but found no turns of has no hits; an act it never knew is an error
+    store = str(tmp_path / "store")
+    assert main(["query", "--act", "story", "--store", store, "--json"]) == 0
+    assert main(["query", "--act", "story", "--store", store, "--json", "a tale of two dragons"]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["query", "--act", "qa", "--store", store, "--json", "how do browsers send requests"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2  # both qa turns of the dump
+    assert main(["query", "--act", "poem", "--store", store]) == 2
+    assert "unknown act 'poem'; the acts of this store: explanation, other, qa, story, summary" in " ".join(
+        capsys.readouterr().err.split())
 
 
 def test_ingest_then_stats_json(shared_data, tmp_path, capsys):
