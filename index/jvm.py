@@ -70,7 +70,14 @@ def ensure_jvm(heap: str = DEFAULT_HEAP) -> None:
                 jnius_config.add_classpath(jar)
             if not any(o.startswith("-Xmx") for o in jnius_config.get_options()):
                 jnius_config.add_options(f"-Xmx{heap}")
+            # SLF4J announces its logging provider on stderr at start: not for our users' terminals
+            jnius_config.add_options("-Dslf4j.internal.verbosity=WARN")
         import jnius  # (this starts the JVM)
+
+        # Lucene logs through java.util.logging at INFO (e.g. which MMap implementation it uses, on
+        # every index open); warnings and errors still show. The root logger is held by the LogManager.
+        logging = jnius.autoclass("java.util.logging.Logger")
+        logging.getLogger("").setLevel(jnius.autoclass("java.util.logging.Level").WARNING)
 
         try:  # a JVM started elsewhere without the jar would fail later with a cryptic message
             jnius.autoclass("io.anserini.index.IndexCollection")
