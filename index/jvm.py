@@ -76,8 +76,8 @@ def ensure_jvm(heap: str = DEFAULT_HEAP) -> None:
 
         # Lucene logs through java.util.logging at INFO (e.g. which MMap implementation it uses, on
         # every index open); warnings and errors still show. The root logger is held by the LogManager.
-        logging = jnius.autoclass("java.util.logging.Logger")
-        logging.getLogger("").setLevel(jnius.autoclass("java.util.logging.Level").WARNING)
+        jul = jnius.autoclass("java.util.logging.Logger")
+        jul.getLogger("").setLevel(jnius.autoclass("java.util.logging.Level").WARNING)
 
         try:  # a JVM started elsewhere without the jar would fail later with a cryptic message
             jnius.autoclass("io.anserini.index.IndexCollection")

@@ -43,14 +43,6 @@ class Hit:
         return dict(self.__dict__)
 
 
-def _act_types(con) -> list[str]:
-    """Every act the tagger knew, found or not (none for a store tagged before `act_types` existed)."""
-    if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'act_types'"
-                       ).fetchall()[0][0]:
-        return []
-    return [row[0] for row in con.execute("SELECT act FROM act_types").fetchall()]
-
-
 class ActSearcher:
     def __init__(self, store_dir: str | Path, index_root: str | Path | None = None, fusion: str = "rrf",
                  alpha: float = 0.5, bm25_depth: int = 50, dense_depth: int = 50):
@@ -60,9 +52,7 @@ class ActSearcher:
         self.bm25_depth, self.dense_depth = bm25_depth, dense_depth
         self.store = Store(store_dir, read_only=True)
         con = self.store.con
-        # (fetchall, not Store.has_table: a half-read fetchone result blocks the connection in DuckDB 2)
-        if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'acts'"
-                           ).fetchall()[0][0]:
+        if not self.store.has_table("acts"):
             raise UserError(f"the store {store_dir} has no `acts` table: run `ahf acts tag --store DIR` first")
         rows = con.sql("SELECT a.comment_id, a.act, a.confidence, coalesce(t.subreddit, '') AS subreddit "
                        "FROM acts a JOIN turns t USING (comment_id) "
@@ -71,7 +61,9 @@ class ActSearcher:
         self._conf = rows["confidence"].astype(float)
         self._subs = rows["subreddit"].astype(object)
         self.acts = sorted(set(self._acts.tolist()))
-        self.known_acts = sorted({*self.acts, *_act_types(con)})
+        # every act the tagger knew, found or not (a store tagged before `act_types` existed: those found)
+        tagged = con.execute("SELECT act FROM act_types").fetchall() if self.store.has_table("act_types") else []
+        self.known_acts = sorted({*self.acts, *(row[0] for row in tagged)})
         self._by_act: dict[str, np.ndarray] = {a: np.flatnonzero(self._acts == a) for a in self.acts}
         self._conf_of = dict(zip(self._ids.tolist(), self._conf.tolist()))
         self._sub_of = dict(zip(self._ids.tolist(), self._subs.tolist()))
