@@ -387,27 +387,21 @@ class BlockParser:
         `block` is bytes, or parts whose concatenation is the block (`LineBlock.parts`).
         """
         parts = [block] if isinstance(block, (bytes, bytearray, memoryview)) else block
-        if not self.uses_pipe:
+        writer = None
+        if self.uses_pipe:  # fed by a thread while DuckDB reads: no copy on disk
+            writer = threading.Thread(target=self._feed, args=(parts,), name="block-feed", daemon=True)
+            writer.start()
+        else:
             with open(self._fifo, "wb") as file:
                 for part in parts:
                     file.write(part)
-            try:
-                table = self._con.sql("EXECUTE parse_block").to_arrow_table()
-            except duckdb.Error:
-                return None
-            return self._rows(table, parts, n_lines)
-        writer = threading.Thread(target=self._feed, args=(parts,), name="block-feed", daemon=True)
-        writer.start()
         try:
             table = self._con.sql("EXECUTE parse_block").to_arrow_table()
         except duckdb.Error:
             return None  # bad JSON, a duplicate key, a line that is not an object, a huge record
         finally:
-            self._drain(writer)
-        return self._rows(table, parts, n_lines)
-
-    @staticmethod
-    def _rows(table: pa.Table, parts: Sequence[bytes | memoryview], n_lines: int) -> ParsedBlock | None:
+            if writer is not None:
+                self._drain(writer)
         if table.num_rows != n_lines:
             return None  # blank lines: DuckDB skips them, so rows no longer match lines
         return _split(table, parts)

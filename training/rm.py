@@ -30,6 +30,7 @@ from ahf.console import UserError
 from training import data as D
 from training import multitask as M
 from training.config import TrainCommon
+from training.attention import BLOCK_SPARSE, without_attention_dropout
 from training.engine import full_state_dict, start_engine
 from training.models import RewardModel, build_backbone, load_tokenizer
 from training.tokens import LengthPolicy, encode_prompt, encode_reply, first_fit, pack_rows, pad_rows, shuffled_chunks
@@ -264,14 +265,11 @@ def evaluate_reward_model(model_dir: str | Path, pairs_path: str | Path, detoken
 def build_reward_model(config: RMConfig, tasks: list[str] | None = None) -> tuple[RewardModel, object]:
     # the 4-D masks of shared_prompt / padded-varlen layouts need SDPA; flash-attention 2 only for varlen
     attn = None if config.packing == "varlen" else "sdpa"
-    if config.attention == "block_sparse":
-        from training.attention import BLOCK_SPARSE
-
+    block_sparse = config.attention == "block_sparse"
+    if block_sparse:
         attn = BLOCK_SPARSE
     backbone = build_backbone(config.model, config.random_init, attn_implementation=attn)
-    if config.attention == "block_sparse":
-        from training.attention import without_attention_dropout
-
+    if block_sparse:
         without_attention_dropout(backbone)
     if config.gradient_checkpointing and hasattr(backbone, "gradient_checkpointing_enable"):
         backbone.gradient_checkpointing_enable()
