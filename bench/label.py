@@ -169,8 +169,9 @@ def run(turns_goal: int, workers: int, modes: list[str], sample: int, workdir: P
         modes = []
     else:
         seed = workdir / "seed"
-        assert ingest(SOURCES, seed).ok
-        results["turns_per_copy"] = per_copy = build_turns(seed).turns
+        loaded = ingest(SOURCES, seed)
+        assert loaded.ok
+        results["turns_per_copy"] = per_copy = loaded.turns.turns
         copies = max(1, round(turns_goal / per_copy))
     for mode in modes:
         big = workdir / f"big_{mode}"

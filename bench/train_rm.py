@@ -15,8 +15,9 @@ Systems (`--systems`):
 
 Reported per system: real (non-padding) tokens/s over the timed steps (after `--warmup-steps`),
 `unshared_tokens_per_s` (the same pairs counted as TRL feeds them, prompt twice: the like-for-like rate),
-pairs/s, MFU (6 x non-embedding parameters x real tokens/s / `--peak-tflops`; attention FLOPs not
-counted, so it understates a little), peak GPU memory (max_memory_allocated; CPU: max RSS).
+pairs/s, MFU (6 x non-embedding parameters (`training.loop.matmul_params`) x real tokens/s / `--peak-tflops`,
+default the GPU's peak by name (`training.loop.PEAK_FLOPS`); attention FLOPs not counted, so it understates a
+little; the trainers' own `mfu` adds nanoGPT's attention term), peak GPU memory (max_memory_allocated; CPU: max RSS).
 
 GPU:  python bench/train_rm.py --size xl --steps 30 --out bench/out/train_rm_h100.json
 CPU smoke (a few seconds per system):  python bench/train_rm.py --size tiny --pairs 64 --steps 3 --warmup-steps 1
@@ -42,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from training.engine import ensure_single_process_env, initialize, load_deepspeed_config  # noqa: E402
+from training.loop import device_peak_flops, matmul_params  # noqa: E402
 from training.models import RewardModel, build_backbone  # noqa: E402
 from training.rm import bt_loss, pair_batches  # noqa: E402
 from training.tiny import GPT2_TOKENIZER  # noqa: E402
@@ -53,7 +55,6 @@ SIZES = {
     "large": {"n_layer": 36, "n_embd": 1280, "n_head": 20},
     "xl": {"n_layer": 48, "n_embd": 1600, "n_head": 25},
 }
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 EOS = 50256
 
 
@@ -106,10 +107,6 @@ def gpt2_config(size: str) -> dict:
     return {"model_type": "gpt2", "n_positions": 1024, "vocab_size": 50257, **SIZES[size]}
 
 
-def non_embedding_params(model) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if "wte" not in n and "wpe" not in n)
-
-
 def summarise(name, tokens, pairs, seconds, params, peak_tflops, extra=None, pair_tokens=None) -> dict:
     tps = tokens / seconds
     return {"system": name, "real_tokens_per_s": round(tps, 1),
@@ -135,7 +132,7 @@ def run_ahf(pairs, args, peak_tflops) -> dict:
         without_attention_dropout(model.backbone)
     if args.gradient_checkpointing:
         model.backbone.gradient_checkpointing_enable()
-    params = non_embedding_params(model)
+    params = matmul_params(model)
     config = load_deepspeed_config(args.deepspeed, micro_batch_size=1, grad_accum=1, lr=1e-5,
                                    warmup_steps=1, total_steps=args.steps + args.warmup_steps)
     engine, _, _ = initialize(model, config)
@@ -182,7 +179,7 @@ def run_trl(pairs, args, peak_tflops, deepspeed: bool) -> dict:
     settings = gpt2_config(args.size)
     config = AutoConfig.for_model(settings.pop("model_type"), **settings, num_labels=1, pad_token_id=EOS)
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
-    params = non_embedding_params(model)
+    params = matmul_params(model)
     rows = [{"chosen_ids": p["prompt"] + p["chosen"], "rejected_ids": p["prompt"] + p["rejected"]} for p in pairs]
     tokens_per_pair = sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows) / len(rows)
     timing = {}
@@ -244,7 +241,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ensure_single_process_env()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
+    peak = args.peak_tflops or ((device_peak_flops() or 0) / 1e12) or None
     pairs = real_pairs(args.real_pairs) if args.real_pairs else synthetic_pairs(args.pairs, args.seed)
     lengths = [len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs]
     report = {"device": device, "torch": torch.__version__, "size": args.size, "data": args.real_pairs or "synthetic",

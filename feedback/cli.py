@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from ahf.args import add_config, add_json, add_store
 from ahf.console import emit, progress_bar
-
-DEFAULT_STORE = "runs/store"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", default=DEFAULT_STORE, help=f"store directory (default: {DEFAULT_STORE})")
-    parser.add_argument("--config", help="feedback config YAML (default configs/labels.yaml)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
-    parser.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+    add_store(parser)
+    add_config(parser, "labels")
+    add_json(parser)
 
 
 def add_commands(subparsers) -> None:

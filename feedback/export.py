@@ -8,9 +8,9 @@ Formats and their columns (TRL's conventions first, then provenance columns that
   `tier`, `reward`, + `adjusted`, `reply_sentiment`, `comment_id`, `post_id`, `subreddit`.
 - `sft` (SFTTrainer): `prompt`, `completion`, + `tier`, `comment_id`, `post_id`, `subreddit`.
 
-`prompt` is the dialog context: post title, selftext (when present), then every ancestor comment
-down to the parent, joined and terminated by `context_separator`, so that TRL's
-`prompt + completion` reads naturally. Rows are split train / validation / test by a hash of the
+`prompt` is the turn's dialog context (docs/turns.md: post title, selftext when present, then every
+ancestor comment down to the parent, joined by a blank line) followed by a blank line, so that
+TRL's `prompt + completion` reads naturally. Rows are split train / validation / test by a hash of the
 post id (no post in two splits), and exact duplicates (same prompt and texts) are removed before the
 split. DIR receives `{split}.jsonl`, `{split}.parquet`, `dataset/` (`DatasetDict.save_to_disk`),
 `README.md` (the dataset card) with `plots/*.png`, and `.ahf-export.json` (the manifest that marks
@@ -32,31 +32,19 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ahf.config import load_config
 from ahf.console import UserError
 from feedback import card
-from feedback.labels import ExportConfig, labels_config_of
+from feedback.labels import ExportConfig, LabelConfig
+from mining.schema import CONTEXT_SEPARATOR, turn_rows_sql
 from mining.store import Store
 
 Format = Literal["pairs", "pointwise", "sft"]
 FORMATS = ("pairs", "pointwise", "sft")
 MANIFEST = ".ahf-export.json"
 
-# The context of every turn of the store: post title / selftext, then ancestor bodies, in order.
-_CONTEXT_SQL = """
-CREATE OR REPLACE TEMP TABLE export_context AS
-WITH anc AS (
-  SELECT t.comment_id, a.i, c.body
-  FROM (SELECT comment_id, unnest(ancestor_ids) AS aid, generate_subscripts(ancestor_ids, 1) AS i
-        FROM turns) a
-  JOIN turns t USING (comment_id)
-  JOIN comments c ON c.id = a.aid
-), chain AS (
-  SELECT comment_id, string_agg(body, $sep ORDER BY i) AS ancestors FROM anc GROUP BY comment_id
-)
-SELECT t.comment_id,
-       concat_ws($sep, nullif(t.post_title, ''), nullif(t.post_selftext, ''), chain.ancestors) AS context
-FROM turns t LEFT JOIN chain USING (comment_id)
-"""
+# The context of every turn (mining.schema.turn_rows_sql, the one definition) as a temp table.
+_CONTEXT_SQL = f"CREATE OR REPLACE TEMP TABLE export_context AS SELECT comment_id, context FROM ({turn_rows_sql(columns='t.comment_id')})"
 
 _ACT_FILTER = "(SELECT comment_id FROM acts WHERE act = $act AND coalesce(confidence, 1) >= $min_conf)"
 
@@ -141,10 +129,11 @@ def _check_out(out: Path, force: bool, store_dir: Path) -> None:
 
 def export_dataset(store_dir: str | Path, fmt: Format, out: str | Path, act: str | None = None,
                    force: bool = False, config: ExportConfig | None = None) -> ExportReport:
-    """Write one export of the store's labels into `out` (replaced atomically with `force`)."""
+    """Write one export of the store's labels into `out` (replaced atomically with `force`).
+    `config=None` reads configs/labels.yaml (`export:`)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    config = config or ExportConfig()
+    config = config or load_config(LabelConfig, "labels").export
     started = time.perf_counter()
     store_dir, out = Path(store_dir), Path(out)
     _check_out(out, force, store_dir)
@@ -156,17 +145,17 @@ def export_dataset(store_dir: str | Path, fmt: Format, out: str | Path, act: str
     try:
         with Store(store_dir, read_only=True) as store:
             for table in ("turns", "labels", "pairs"):
-                if not store.has_table(table):
-                    raise UserError(f"store {store_dir} has no {table} table; run `ahf label --store {store_dir}`")
-            store.con.execute("SET enable_progress_bar = false")
+                store.require(table, f"run `ahf label --store {store_dir}` first")
             counts = _select_rows(store, fmt, act, config, report)
-            _write_splits(store.con, fmt, tmp, config, report)
+            _write_splits(store, fmt, tmp, config)
             provenance = _provenance(store, store_dir)
-            labels_config = labels_config_of(store.con)
+            labels_config = store.meta("labels_config")
         _save_datasets(tmp, list(config.splits))
         card.write_card(tmp, fmt, report, config, labels_config, provenance, counts)
         report.seconds = time.perf_counter() - started
-        (tmp / MANIFEST).write_text(json.dumps({"report": report.to_dict(), "provenance": provenance}, indent=1))
+        (tmp / MANIFEST).write_text(json.dumps({"report": report.to_dict(), "provenance": provenance,
+                                                "labels_config": labels_config, "export_config": config.model_dump()},
+                                               indent=1))
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -176,14 +165,11 @@ def export_dataset(store_dir: str | Path, fmt: Format, out: str | Path, act: str
 
 def _select_rows(store: Store, fmt: str, act: str | None, config: ExportConfig, report: ExportReport) -> dict:
     """Materialise the export rows (deduplicated, with their split) in a temp table `export_rows`."""
-    con = store.con
-    params: dict = {"sep": config.context_separator}
+    params: dict = {"sep": CONTEXT_SEPARATOR}
     act_turns = act_pairs = ""
     if act is not None:
-        if not store.has_table("acts"):
-            raise UserError(f"--act {act}: store {store.path} has no acts table; tag dialog acts first "
-                            "(`ahf acts`, index stage)")
-        known = [r[0] for r in con.execute("SELECT DISTINCT act FROM acts ORDER BY act").fetchall()]
+        store.require("acts", "tag dialog acts first (`ahf acts tag`)")
+        known = [r[0] for r in store.rows("SELECT DISTINCT act FROM acts ORDER BY act")]
         if act not in known:
             raise UserError(f"--act {act}: no turn has this act; the acts table has {known}")
         params |= {"act": act, "min_conf": config.act_min_confidence}
@@ -193,64 +179,59 @@ def _select_rows(store: Store, fmt: str, act: str | None, config: ExportConfig, 
         params["rules"] = list(config.rules)
     else:
         params["tiers"] = list(config.tiers if fmt == "pointwise" else config.sft_tiers)
-    con.execute(_CONTEXT_SQL, {"sep": config.context_separator})
+    store.execute(_CONTEXT_SQL)
     rows_sql = _ROWS_SQL[fmt].format(act_turns=act_turns, act_pairs=act_pairs)
-    con.execute(f"CREATE OR REPLACE TEMP TABLE export_candidates AS {rows_sql}", params)
-    report.candidates = con.execute("SELECT count(*) FROM export_candidates").fetchone()[0]
+    store.execute(f"CREATE OR REPLACE TEMP TABLE export_candidates AS {rows_sql}", params)
+    report.candidates = store.count("export_candidates")
     # A top-level reply to a post missing from the store (comment-only dumps) has no context.
-    empty = con.execute("SELECT count(*) FROM export_candidates WHERE prompt = $sep",
-                        {"sep": config.context_separator}).fetchone()[0]
+    empty = store.value("SELECT count(*) FROM export_candidates WHERE prompt = $sep", {"sep": CONTEXT_SEPARATOR})
     # A pair of identical texts (two siblings both saying "this") teaches nothing.
-    same = con.execute("SELECT count(*) FROM export_candidates WHERE prompt <> $sep AND chosen = rejected",
-                       {"sep": config.context_separator}).fetchone()[0] if fmt == "pairs" else 0
+    same = store.value("SELECT count(*) FROM export_candidates WHERE prompt <> $sep AND chosen = rejected",
+                       {"sep": CONTEXT_SEPARATOR}) if fmt == "pairs" else 0
     key, order = _DEDUP[fmt]
-    post_ids = [r[0] for r in con.execute("SELECT DISTINCT post_id FROM export_candidates").fetchall()]
+    post_ids = [r[0] for r in store.rows("SELECT DISTINCT post_id FROM export_candidates")]
     splits = pa.table({"post_id": pa.array(post_ids, pa.string()),
                        "split": pa.array([split_of(p, config.splits, config.seed) for p in post_ids], pa.string())})
-    con.register("post_splits", splits)
-    try:
-        con.execute(f"""
+    with store.registered("post_splits", splits):
+        store.execute(f"""
             CREATE OR REPLACE TEMP TABLE export_rows AS
             SELECT e.*, s.split FROM export_candidates e JOIN post_splits s USING (post_id)
             WHERE e.prompt <> $sep {"AND e.chosen <> e.rejected" if fmt == "pairs" else ""}
             QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY {order}) = 1
-        """, {"sep": config.context_separator})
-    finally:
-        con.unregister("post_splits")
-    kept = con.execute("SELECT count(*) FROM export_rows").fetchone()[0]
+        """, {"sep": CONTEXT_SEPARATOR})
+    kept = store.count("export_rows")
     report.dropped = {"no_context": empty, "duplicate": report.candidates - empty - same - kept}
     if fmt == "pairs":
         report.dropped["same_text"] = same
-    by_split = dict(con.execute("SELECT split, count(*) FROM export_rows GROUP BY split").fetchall())
+    by_split = dict(store.rows("SELECT split, count(*) FROM export_rows GROUP BY split"))
     report.rows = {s: by_split.get(s, 0) for s in config.splits}
-    posts = dict(con.execute("SELECT split, count(DISTINCT post_id) FROM export_rows GROUP BY split").fetchall())
+    posts = dict(store.rows("SELECT split, count(DISTINCT post_id) FROM export_rows GROUP BY split"))
     report.posts = {s: posts.get(s, 0) for s in config.splits}
-    return _distributions(con, fmt)
+    return _distributions(store, fmt)
 
 
-def _distributions(con, fmt: str) -> dict:
+def _distributions(store: Store, fmt: str) -> dict:
     """Figures for the card: per-split category counts and the numeric values to plot."""
     category = "rule" if fmt == "pairs" else "tier"
     counts: dict = {"by": category, "table": {}}
-    for split, value, n in con.execute(
-            f"SELECT split, {category}, count(*) FROM export_rows GROUP BY ALL ORDER BY ALL").fetchall():
+    for split, value, n in store.rows(f"SELECT split, {category}, count(*) FROM export_rows GROUP BY ALL ORDER BY ALL"):
         counts["table"].setdefault(split, {})[value] = n
     numeric = {"pairs": ["margin"], "pointwise": ["reward", "reply_sentiment"], "sft": []}[fmt]
     counts["values"] = {
-        col: [r[0] for r in con.execute(f"SELECT {col} FROM export_rows WHERE {col} IS NOT NULL "
-                                        f"USING SAMPLE reservoir(20000 ROWS) REPEATABLE (0)").fetchall()]
+        col: [r[0] for r in store.rows(f"SELECT {col} FROM export_rows WHERE {col} IS NOT NULL "
+                                       f"USING SAMPLE reservoir(20000 ROWS) REPEATABLE (0)")]
         for col in numeric}
-    counts["subreddits"] = dict(con.execute(
-        "SELECT subreddit, count(*) FROM export_rows GROUP BY ALL ORDER BY 2 DESC, 1 LIMIT 20").fetchall())
+    counts["subreddits"] = dict(store.rows(
+        "SELECT subreddit, count(*) FROM export_rows GROUP BY ALL ORDER BY 2 DESC, 1 LIMIT 20"))
     return counts
 
 
-def _write_splits(con, fmt: str, tmp: Path, config: ExportConfig, report: ExportReport) -> None:
+def _write_splits(store: Store, fmt: str, tmp: Path, config: ExportConfig) -> None:
     """Stream each split into JSONL and Parquet (record batches: memory stays bounded)."""
+    order = "post_id, chosen_id, rejected_id, rule" if fmt == "pairs" else "post_id, comment_id"
     for split in config.splits:
-        order = "post_id, chosen_id, rejected_id, rule" if fmt == "pairs" else "post_id, comment_id"
-        reader = con.sql(f"SELECT * EXCLUDE (split) FROM export_rows WHERE split = $s ORDER BY {order}",
-                         params={"s": split}).to_arrow_reader(10_000)
+        reader = store.reader(f"SELECT * EXCLUDE (split) FROM export_rows WHERE split = $s ORDER BY {order}",
+                              {"s": split}, batch_rows=10_000)
         with (tmp / f"{split}.jsonl").open("wb") as jsonl, \
                 pq.ParquetWriter(tmp / f"{split}.parquet", reader.schema) as parquet:
             for batch in reader:
@@ -283,9 +264,7 @@ def _save_datasets(tmp: Path, splits: list[str]) -> None:
 
 
 def _provenance(store: Store, store_dir: Path) -> dict:
-    con = store.con
-    first, last, subs = con.execute(
-        "SELECT min(created_utc), max(created_utc), count(DISTINCT subreddit) FROM turns").fetchone()
+    first, last, subs = store.rows("SELECT min(created_utc), max(created_utc), count(DISTINCT subreddit) FROM turns")[0]
     return {
         "store": str(store_dir.resolve()),
         "tables": {t: store.count(t) for t in ("posts", "comments", "turns", "labels", "pairs", "acts")

@@ -22,7 +22,6 @@ bounded by the partition size (`partition_turns`), not by the store.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -33,15 +32,16 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
-from ahf.console import UserError
+from ahf.config import StageConfig, load_config
 from feedback.sentiment import POSITIVE_THRESHOLD, Vader
-from mining.store import Store, transaction
-from mining.turns import DEFAULT_BOTS
+from mining.schema import PAIR_SCHEMA, create_table_sql
+from mining.store import Store
+from mining.turns import MiningConfig
 
 
-class VoteConfig(BaseModel):
+class VoteConfig(StageConfig):
     """The seed's adjusted ranking and its good / ok / bad tiers."""
 
     group_by: Literal["post", "post_depth", "parent"] = Field(
@@ -51,7 +51,8 @@ class VoteConfig(BaseModel):
     w_time: float = Field(0.5, description="weight of z(delay); positive: a late reply scores up")
     time_transform: Literal["log", "linear"] = Field(
         "log", description="delay in seconds as log1p(delay) (heavy-tailed delays) or as is")
-    tier_by: Literal["subreddit", "global"] = "subreddit"
+    tier_by: Literal["subreddit", "global"] = Field(
+        "subreddit", description="tier quantiles per subreddit, or over the whole store")
     tier_quantiles: tuple[float, float] = Field(
         (1 / 3, 2 / 3), description="adjusted < q_lo -> bad, > q_hi -> good, else ok")
 
@@ -63,14 +64,14 @@ class VoteConfig(BaseModel):
         return self
 
 
-class SHPConfig(BaseModel):
+class SHPConfig(StageConfig):
     """Stanford Human Preferences rule (Ethayarajh et al. 2022): B was written no later than A and
     still scored lower, so A's higher score is not an effect of having had more time."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="make SHP pairs")
     min_ratio: float = Field(2.0, ge=1.0, description="score(A) >= min_ratio * score(B)")
     max_pairs_per_post: int = Field(5, ge=1, description="largest margins first")
-    min_post_score: int = 10
+    min_post_score: int = Field(10, description="posts below it give no pairs (too few voters)")
     min_reply_score: int = Field(2, ge=1, description="both replies; >= 1 keeps the score ratio defined")
     top_level_only: bool = Field(True, description="SHP pairs direct replies to the post")
     unknown_post: Literal["skip", "allow"] = Field(
@@ -79,44 +80,48 @@ class SHPConfig(BaseModel):
         500, ge=2, description="highest-scored replies considered per parent (bounds the pairwise join)")
 
 
-class TimeAdjacentConfig(BaseModel):
+class TimeAdjacentConfig(StageConfig):
     """DialogRPT's rule (Gao et al. 2020): siblings posted close together in time had the same
     exposure, so the one with more votes is preferred."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="make time-adjacent pairs")
     max_gap_s: int = Field(3600, ge=0, description="consecutive siblings at most this far apart")
-    min_score_diff: int = Field(1, ge=1)
+    min_score_diff: int = Field(1, ge=1, description="the winner's score lead, at least")
 
 
-class SentimentConfig(BaseModel):
-    """VADER compound of a turn's direct replies (not the author's own, no bots, no deleted bodies)."""
+class SentimentConfig(StageConfig):
+    """VADER compound of a turn's direct replies (not the author's own, no deleted bodies, and none by
+    the bots the turns were built without: `turns.bot_authors` of the mining config)."""
 
-    bot_authors: list[str] = Field(default_factory=lambda: list(DEFAULT_BOTS))
-    positive_threshold: float = POSITIVE_THRESHOLD
+    positive_threshold: float = Field(POSITIVE_THRESHOLD, description="a reply counts as positive at compound >= this")
     weight_floor: int = Field(1, ge=1, description="a reply weighs max(score, weight_floor)")
     workers: int = Field(0, ge=0, description="scoring processes; 0 = one per CPU")
     pool_min_texts: int = Field(20_000, ge=0, description="fewer distinct texts are scored in-process")
 
 
-class RewardConfig(BaseModel):
+class RewardConfig(StageConfig):
     """reward = w_vote * adjusted + w_sentiment * (reply sentiment, or `missing_sentiment`)."""
 
-    w_vote: float = 1.0
-    w_sentiment: float = 0.5
-    sentiment: Literal["weighted_mean", "mean"] = "weighted_mean"
+    w_vote: float = Field(1.0, description="weight of the adjusted vote score")
+    w_sentiment: float = Field(0.5, description="weight of the reply sentiment")
+    sentiment: Literal["weighted_mean", "mean"] = Field(
+        "weighted_mean", description="replies' compounds weighted by their score, or plain")
     missing_sentiment: float = Field(0.0, description="used for turns without scored replies")
 
 
-class ExportConfig(BaseModel):
+class ExportConfig(StageConfig):
     """`ahf export`: which labelled rows become datasets, and how they are split."""
 
-    splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.9, "validation": 0.05, "test": 0.05})
-    seed: int = 0
-    context_separator: str = "\n\n"
-    rules: list[Literal["shp", "time_adjacent"]] = Field(default_factory=lambda: ["shp", "time_adjacent"])
-    tiers: list[Literal["good", "ok", "bad"]] = Field(default_factory=lambda: ["good", "ok", "bad"])
-    sft_tiers: list[Literal["good", "ok", "bad"]] = Field(default_factory=lambda: ["good"])
-    act_min_confidence: float = 0.0
+    splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.9, "validation": 0.05, "test": 0.05},
+                                     description="split name -> fraction of posts (no post in two splits)")
+    seed: int = Field(0, description="the post -> split assignment is a hash of (seed, post_id)")
+    rules: list[Literal["shp", "time_adjacent"]] = Field(default_factory=lambda: ["shp", "time_adjacent"],
+                                                          description="pair rules exported by --format pairs")
+    tiers: list[Literal["good", "ok", "bad"]] = Field(default_factory=lambda: ["good", "ok", "bad"],
+                                                      description="tiers exported by --format pointwise")
+    sft_tiers: list[Literal["good", "ok", "bad"]] = Field(default_factory=lambda: ["good"],
+                                                          description="tiers exported by --format sft")
+    act_min_confidence: float = Field(0.0, description="with --act: minimum confidence in the acts table")
 
     @model_validator(mode="after")
     def _fractions(self):
@@ -125,16 +130,17 @@ class ExportConfig(BaseModel):
         return self
 
 
-class LabelConfig(BaseModel):
+class LabelConfig(StageConfig):
     """The feedback stage's config (configs/labels.yaml)."""
 
-    votes: VoteConfig = Field(default_factory=VoteConfig)
-    shp: SHPConfig = Field(default_factory=SHPConfig)
-    time_adjacent: TimeAdjacentConfig = Field(default_factory=TimeAdjacentConfig)
-    sentiment: SentimentConfig = Field(default_factory=SentimentConfig)
-    reward: RewardConfig = Field(default_factory=RewardConfig)
+    votes: VoteConfig = Field(default_factory=VoteConfig, description="adjusted ranking and tiers")
+    shp: SHPConfig = Field(default_factory=SHPConfig, description="the SHP pair rule")
+    time_adjacent: TimeAdjacentConfig = Field(default_factory=TimeAdjacentConfig,
+                                              description="DialogRPT's time-adjacent pair rule")
+    sentiment: SentimentConfig = Field(default_factory=SentimentConfig, description="reply sentiment (VADER)")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="the combined reward")
     partition_turns: int = Field(500_000, ge=1, description="turns per partition of posts (memory bound)")
-    export: ExportConfig = Field(default_factory=ExportConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig, description="`ahf export`")
 
 
 @dataclass
@@ -267,8 +273,9 @@ FROM replies r JOIN scored s USING (body)
 GROUP BY r.turn_id
 """
 
+# The labels (LABEL_SCHEMA): tiers from quantiles of `adjusted` per subreddit (or overall), reply
+# sentiment and the combined reward.
 _FINAL_SQL = """
-CREATE TABLE labels_final AS
 WITH q AS (
   SELECT {tier_key} AS tier_key,
          quantile_cont(adjusted, $q_lo) AS q_lo, quantile_cont(adjusted, $q_hi) AS q_hi
@@ -279,7 +286,7 @@ SELECT l.comment_id, l.post_id, l.subreddit, l.group_size, l.z_rank, l.z_time, l
             WHEN l.adjusted < q.q_lo THEN 'bad'
             WHEN l.adjusted > q.q_hi THEN 'good'
             ELSE 'ok' END AS tier,
-       coalesce(s.n, 0)::INTEGER AS reply_count,
+       coalesce(s.n, 0) AS reply_count,
        s.mean AS reply_sentiment_mean,
        s.weighted_mean AS reply_sentiment_weighted,
        s.positive_share AS reply_positive_share,
@@ -333,98 +340,94 @@ class _Scorer:
 
 # -- the pipeline ------------------------------------------------------------------------------
 
-_DROP_WORK_SQL = """
-DROP TABLE IF EXISTS labels_new; DROP TABLE IF EXISTS pairs_new; DROP TABLE IF EXISTS sentiment_new;
-DROP TABLE IF EXISTS labels_final;
-"""
+_DROP_WORK_SQL = "DROP TABLE IF EXISTS labels_new; DROP TABLE IF EXISTS pairs_new; DROP TABLE IF EXISTS sentiment_new"
 
-_TABLES_SQL = _DROP_WORK_SQL + """
+# Work tables, filled partition by partition, then turned into `labels` and `pairs` in one swap.
+_TABLES_SQL = f"""{_DROP_WORK_SQL};
 CREATE TABLE labels_new (comment_id VARCHAR, post_id VARCHAR, subreddit VARCHAR, group_size INTEGER,
                          z_rank DOUBLE, z_time DOUBLE, adjusted DOUBLE);
-CREATE TABLE pairs_new (post_id VARCHAR, parent_id VARCHAR, chosen_id VARCHAR, rejected_id VARCHAR,
-                        rule VARCHAR, margin DOUBLE, chosen_score BIGINT, rejected_score BIGINT,
-                        chosen_created_utc BIGINT, rejected_created_utc BIGINT);
-CREATE TABLE sentiment_new (turn_id VARCHAR, n BIGINT, mean DOUBLE, weighted_mean DOUBLE,
-                            positive_share DOUBLE);
+{create_table_sql("pairs_new", PAIR_SCHEMA)};
+CREATE TABLE sentiment_new (turn_id VARCHAR, n BIGINT, mean DOUBLE, weighted_mean DOUBLE, positive_share DOUBLE);
 """
 
 
 def label_store(store_dir: str | Path, config: LabelConfig | None = None, progress=None) -> LabelReport:
     """Compute `labels` and `pairs` for every turn of the store, replacing earlier results atomically.
 
-    `progress(n)` is called with the number of turns done after each partition.
+    `config=None` reads configs/labels.yaml. `progress(n)` is called with the number of turns done
+    after each partition.
     """
-    config = config or LabelConfig()
+    config = config or load_config(LabelConfig, "labels")
     started = time.perf_counter()
     report = LabelReport()
     with Store(store_dir, create=False) as store:
-        if not store.has_table("turns"):
-            raise UserError(f"store {store_dir} has no turns table; run `ahf turns --store {store_dir}` first")
-        con = store.con
-        con.execute("SET enable_progress_bar = false")  # never mix DuckDB's bar into --json output
-        report.turns = store.count("turns")
+        report.turns = store.require("turns", f"run `ahf turns --store {store_dir}` first")
         report.partitions = parts = max(1, math.ceil(report.turns / config.partition_turns))
-        con.execute(_TABLES_SQL)
+        bots = _bot_authors(store)
+        store.execute(_TABLES_SQL)
         scorer = _Scorer(config.sentiment)
         try:
             for part in range(parts):
-                _label_partition(con, config, {"parts": parts, "part": part}, scorer, report)
+                _label_partition(store, config, {"parts": parts, "part": part}, bots, scorer, report)
                 if progress:
                     progress(report.turns // parts)
             report.workers = scorer.workers if scorer._pool is not None else 1
             t = time.perf_counter()
-            _finish(con, config, report)
+            _finish(store, config, report)
             report.timed("tiers_and_swap", t)
-        except BaseException:
-            # the previous labels / pairs are untouched; drop the half-built ones
-            con.execute(_DROP_WORK_SQL)
-            raise
-        finally:
+        finally:  # the previous labels / pairs stay unless the swap committed
+            store.execute(_DROP_WORK_SQL)
             scorer.close()
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _label_partition(con, config: LabelConfig, where: dict, scorer: _Scorer, report: LabelReport) -> None:
+def _bot_authors(store: Store) -> list[str]:
+    """The bots the turns were built without (a store from before that was recorded: mining.yaml's)."""
+    built_with = store.meta("turns_config")
+    return built_with["bot_authors"] if built_with else load_config(MiningConfig, "mining").turns.bot_authors
+
+
+def _label_partition(store: Store, config: LabelConfig, where: dict, bots: list[str], scorer: _Scorer,
+                     report: LabelReport) -> None:
     t = time.perf_counter()
     votes = config.votes
     group = {"post": "post_id", "post_depth": "post_id || ':' || depth", "parent": "parent_id"}[votes.group_by]
     time_feature = "ln(1 + delay)" if votes.time_transform == "log" else "delay"
-    con.execute(_VOTES_SQL.format(group=group, time_feature=time_feature),
-                {**where, "min_replies": votes.min_replies, "w_rank": votes.w_rank, "w_time": votes.w_time})
+    store.execute(_VOTES_SQL.format(group=group, time_feature=time_feature),
+                  {**where, "min_replies": votes.min_replies, "w_rank": votes.w_rank, "w_time": votes.w_time})
     t = report.timed("votes", t)
     shp = config.shp
     if shp.enabled:
-        con.execute(_SHP_SQL, {**where, "min_reply_score": shp.min_reply_score,
-                               "top_level_only": shp.top_level_only, "min_post_score": shp.min_post_score,
-                               "allow_unknown_post": shp.unknown_post == "allow",
-                               "max_candidates": shp.max_candidates_per_parent, "min_ratio": shp.min_ratio,
-                               "max_pairs_per_post": shp.max_pairs_per_post})
+        store.execute(_SHP_SQL, {**where, "min_reply_score": shp.min_reply_score,
+                                 "top_level_only": shp.top_level_only, "min_post_score": shp.min_post_score,
+                                 "allow_unknown_post": shp.unknown_post == "allow",
+                                 "max_candidates": shp.max_candidates_per_parent, "min_ratio": shp.min_ratio,
+                                 "max_pairs_per_post": shp.max_pairs_per_post})
     adjacent = config.time_adjacent
     if adjacent.enabled:
-        con.execute(_TIME_ADJACENT_SQL, {**where, "max_gap_s": adjacent.max_gap_s,
-                                         "min_score_diff": adjacent.min_score_diff})
+        store.execute(_TIME_ADJACENT_SQL, {**where, "max_gap_s": adjacent.max_gap_s,
+                                           "min_score_diff": adjacent.min_score_diff})
     t = report.timed("pairs", t)
     sentiment = config.sentiment
-    con.execute(_REPLIES_SQL, {**where, "bots": sentiment.bot_authors})
-    report.replies_scored += con.execute("SELECT count(*) FROM replies").fetchone()[0]
+    store.execute(_REPLIES_SQL, {**where, "bots": bots})
+    report.replies_scored += store.value("SELECT count(*) FROM replies")
     # Score each distinct text once: repeated replies ("lol", "this") are common on Reddit.
-    texts = [row[0] for row in con.execute("SELECT DISTINCT body FROM replies").fetchall()]
+    texts = [row[0] for row in store.rows("SELECT DISTINCT body FROM replies")]
     report.distinct_texts += len(texts)
     t = report.timed("replies_fetch", t)
     compounds = scorer(texts)
     t = report.timed("vader", t)
     scored = pa.table({"body": pa.array(texts, pa.string()), "compound": pa.array(compounds, pa.float64())})
-    con.register("scored", scored)
     try:
-        con.execute(_SENTIMENT_SQL, {"floor": sentiment.weight_floor, "pos": sentiment.positive_threshold})
+        with store.registered("scored", scored):
+            store.execute(_SENTIMENT_SQL, {"floor": sentiment.weight_floor, "pos": sentiment.positive_threshold})
     finally:
-        con.unregister("scored")
-        con.execute("DROP TABLE replies")
+        store.execute("DROP TABLE replies")
     report.timed("sentiment_aggregate", t)
 
 
-def _finish(con, config: LabelConfig, report: LabelReport) -> None:
+def _finish(store: Store, config: LabelConfig, report: LabelReport) -> None:
     votes, reward = config.votes, config.reward
     by_subreddit = votes.tier_by == "subreddit"
     sql = _FINAL_SQL.format(
@@ -432,26 +435,14 @@ def _finish(con, config: LabelConfig, report: LabelReport) -> None:
         tier_key_l="coalesce(l.subreddit, '')" if by_subreddit else "''",
         sentiment_col="s.weighted_mean" if reward.sentiment == "weighted_mean" else "s.mean",
     )
-    con.execute(sql, {"q_lo": votes.tier_quantiles[0], "q_hi": votes.tier_quantiles[1],
-                      "w_vote": reward.w_vote, "w_sentiment": reward.w_sentiment,
-                      "missing": reward.missing_sentiment})
-    with transaction(con):
-        con.execute("DROP TABLE IF EXISTS labels; DROP TABLE IF EXISTS pairs")
-        con.execute("ALTER TABLE labels_final RENAME TO labels")
-        con.execute("CREATE TABLE pairs AS SELECT * FROM pairs_new ORDER BY post_id, rule, chosen_id, rejected_id")
-        con.execute("INSERT INTO meta VALUES ('labels_config', $c) ON CONFLICT (key) DO UPDATE SET value = $c",
-                    {"c": json.dumps(config.model_dump(mode="json"))})
-        con.execute("DROP TABLE labels_new; DROP TABLE pairs_new; DROP TABLE sentiment_new")
-    report.labelled = con.execute("SELECT count(*) FROM labels WHERE adjusted IS NOT NULL").fetchone()[0]
-    report.tiers = dict(con.execute(
-        "SELECT tier, count(*) FROM labels WHERE tier IS NOT NULL GROUP BY tier ORDER BY tier").fetchall())
-    report.pairs = dict(con.execute("SELECT rule, count(*) FROM pairs GROUP BY rule ORDER BY rule").fetchall())
-    report.turns_with_replies = con.execute("SELECT count(*) FROM labels WHERE reply_count > 0").fetchone()[0]
-    corr = con.execute("SELECT corr(z_rank, z_time) FROM labels WHERE adjusted IS NOT NULL").fetchone()[0]
+    params = {"q_lo": votes.tier_quantiles[0], "q_hi": votes.tier_quantiles[1], "w_vote": reward.w_vote,
+              "w_sentiment": reward.w_sentiment, "missing": reward.missing_sentiment}
+    store.replace_tables({"labels": (sql, params),
+                          "pairs": "SELECT * FROM pairs_new ORDER BY post_id, rule, chosen_id, rejected_id"},
+                         meta={"labels_config": config.model_dump(mode="json")})
+    report.labelled = store.value("SELECT count(*) FROM labels WHERE adjusted IS NOT NULL")
+    report.tiers = dict(store.rows("SELECT tier, count(*) FROM labels WHERE tier IS NOT NULL GROUP BY tier ORDER BY tier"))
+    report.pairs = dict(store.rows("SELECT rule, count(*) FROM pairs GROUP BY rule ORDER BY rule"))
+    report.turns_with_replies = store.value("SELECT count(*) FROM labels WHERE reply_count > 0")
+    corr = store.value("SELECT corr(z_rank, z_time) FROM labels WHERE adjusted IS NOT NULL")
     report.rank_time_correlation = None if corr is None or math.isnan(corr) else round(corr, 4)
-
-
-def labels_config_of(con) -> dict | None:
-    """The config the store's current labels were made with (for dataset cards)."""
-    row = con.execute("SELECT value FROM meta WHERE key = 'labels_config'").fetchone()
-    return json.loads(row[0]) if row else None

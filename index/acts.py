@@ -17,21 +17,22 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
+from ahf.config import StageConfig
 from ahf.console import UserError
 from index.weak import ClassifierConfig, ClassifierReport, classifier_scores
 
 OTHER = "other"
-CUE_FIELDS = ("reply", "parent_text", "title", "context")
 
 
-class Cue(BaseModel):
+class Cue(StageConfig):
     """A structural cue: `pattern` (RE2, case-insensitive) searched in `field`."""
 
-    field: Literal["reply", "parent_text", "title", "context"]
-    pattern: str
-    weight: float = 1.0
+    field: Literal["reply", "parent_text", "title", "context"] = Field(
+        description="the text searched: the reply, what it answers, the post title, or the whole context")
+    pattern: str = Field(description="RE2 regular expression, matched case-insensitively")
+    weight: float = Field(1.0, description="added to the structure score on a match (negative: a penalty)")
 
     @field_validator("pattern")
     @classmethod
@@ -43,37 +44,37 @@ class Cue(BaseModel):
         return pattern
 
 
-class LengthPrior(BaseModel):
-    min_words: int = Field(1, ge=0)
-    max_words: int = Field(100_000, ge=1)
+class LengthPrior(StageConfig):
+    min_words: int = Field(1, ge=0, description="below it the length cue falls off linearly")
+    max_words: int = Field(100_000, ge=1, description="above it the length cue falls off as max_words / words")
 
 
-class ActDef(BaseModel):
-    description: str = ""
-    bm25_terms: str = ""
-    exemplars: list[str] = Field(default_factory=list)
-    cues: list[Cue] = Field(default_factory=list)
-    length: LengthPrior = Field(default_factory=LengthPrior)
+class ActDef(StageConfig):
+    description: str = Field("", description="what the act is, for people")
+    bm25_terms: str = Field("", description="the BM25 query whose hits score on the bm25 cue")
+    exemplars: list[str] = Field(default_factory=list, description="replies of this act, for the dense cue")
+    cues: list[Cue] = Field(default_factory=list, description="the structural (regex) cues")
+    length: LengthPrior = Field(default_factory=LengthPrior, description="the reply length typical of the act")
 
 
-class CueWeights(BaseModel):
-    structure: float = Field(0.4, ge=0)
-    dense: float = Field(0.3, ge=0)
-    bm25: float = Field(0.1, ge=0)
-    length: float = Field(0.2, ge=0)
+class CueWeights(StageConfig):
+    structure: float = Field(0.4, ge=0, description="the regex cues")
+    dense: float = Field(0.3, ge=0, description="cosine to the act's exemplars")
+    bm25: float = Field(0.1, ge=0, description="BM25 score for the act's terms")
+    length: float = Field(0.2, ge=0, description="the length prior")
     classifier: float = Field(0.3, ge=0, description="the weak-label classifier (index.weak); 0 = off")
 
 
-class ActsConfig(BaseModel):
+class ActsConfig(StageConfig):
     """The act definitions and how their cues are fused (see configs/acts.yaml)."""
 
-    min_confidence: float = Field(0.45, ge=0, le=1)
-    weights: CueWeights = Field(default_factory=CueWeights)
-    dense_low: float = 0.10
-    dense_high: float = 0.55
+    min_confidence: float = Field(0.40, ge=0, le=1, description="below it a turn is `other`")
+    weights: CueWeights = Field(default_factory=CueWeights, description="each cue's weight in the fused confidence")
+    dense_low: float = Field(0.10, description="cosine mapped to a dense cue of 0")
+    dense_high: float = Field(0.55, description="cosine mapped to a dense cue of 1")
     bm25_depth: float = Field(0.25, gt=0, description="fraction of turns (< 1) or a number of hits")
-    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
-    acts: dict[str, ActDef] = Field(default_factory=dict)
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig, description="the weak-label classifier")
+    acts: dict[str, ActDef] = Field(default_factory=dict, description="the act definitions, by name")
 
     @field_validator("acts")
     @classmethod
@@ -179,9 +180,9 @@ def assign(confidences: dict[str, np.ndarray], min_confidence: float) -> tuple[n
     return acts, conf
 
 
-def tag_acts(store_dir: str | Path, config: ActsConfig | None = None, index_root: str | Path | None = None,
-             progress=None) -> ActsReport:
-    """Tag every turn of the store and write the `acts` table."""
+def tag_acts(store_dir: str | Path, config: ActsConfig | None = None,
+             index_root: str | Path | None = None) -> ActsReport:
+    """Tag every turn of the store and write the `acts` table (`config=None`: configs/acts.yaml)."""
     from index.bm25 import BM25Searcher
     from index.corpus import read_turns
     from index.dense import DenseSearcher
@@ -192,7 +193,7 @@ def tag_acts(store_dir: str | Path, config: ActsConfig | None = None, index_root
     root = Path(index_root) if index_root else default_root(store_dir)
     started = time.perf_counter()
     with Store(store_dir, read_only=True) as store:
-        turns = read_turns(store.con)
+        turns = read_turns(store)
     ids = turns["comment_id"].to_pylist()
     row_of = {cid: i for i, cid in enumerate(ids)}
     n = len(ids)
@@ -217,29 +218,19 @@ def tag_acts(store_dir: str | Path, config: ActsConfig | None = None, index_root
     acts, conf = assign(confidences, config.min_confidence)
     table = pa.table({"comment_id": ids, "act": acts.tolist(),
                       "confidence": pa.array(conf, type=pa.float64())})
-    write_acts(store_dir, table, [*config.acts, OTHER])
+    write_acts(store_dir, table, [*config.acts, OTHER], config)
     counts = dict(zip(*np.unique(acts.astype(str), return_counts=True)))
     return ActsReport(turns=n, counts={k: int(v) for k, v in sorted(counts.items())},
                       seconds=time.perf_counter() - started,
                       classifier=classifier.to_dict() if classifier else None)
 
 
-def write_acts(store_dir: str | Path, table: pa.Table, act_types: list[str]) -> None:
+def write_acts(store_dir: str | Path, table: pa.Table, act_types: list[str], config: ActsConfig) -> None:
     """Replace the `acts` table, and `act_types` (every act the tagger knew, found or not: a query for
-    one it found no turns of has no hits, where an act it never knew is an error), in one transaction
-    (a failure keeps the previous ones)."""
-    from mining.store import Store, transaction
+    one it found no turns of has no hits, where an act it never knew is an error), with the config
+    they came from, in one transaction (a failure keeps the previous ones)."""
+    from mining.store import Store
 
     with Store(store_dir, create=False) as store:
-        con = store.con
-        con.register("acts_batch", table)
-        try:
-            with transaction(con):
-                con.execute("DROP TABLE IF EXISTS acts")
-                con.execute("CREATE TABLE acts (comment_id VARCHAR PRIMARY KEY, act VARCHAR, confidence DOUBLE)")
-                con.execute("INSERT INTO acts SELECT comment_id, act, confidence FROM acts_batch")
-                con.execute("DROP TABLE IF EXISTS act_types")
-                con.execute("CREATE TABLE act_types (act VARCHAR PRIMARY KEY)")
-                con.executemany("INSERT INTO act_types VALUES (?)", [[act] for act in act_types])
-        finally:
-            con.unregister("acts_batch")
+        store.replace_tables({"acts": table, "act_types": pa.table({"act": act_types})},
+                             meta={"acts_config": config.model_dump(mode="json")})

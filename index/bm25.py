@@ -71,15 +71,15 @@ def run_indexer(input_dir: Path, index_dir: Path, threads: int) -> None:
     autoclass("io.anserini.index.IndexCollection").main(args)
 
 
-def build_bm25(con, root: str | Path, threads: int | None = None, progress=None) -> BM25Report:
-    """Index every turn of the store connection `con` into a new Lucene index under `root`."""
+def build_bm25(store, root: str | Path, threads: int | None = None, progress=None) -> BM25Report:
+    """Index every turn of the open `store` into a new Lucene index under `root`."""
     threads = threads or max(1, min(8, os.cpu_count() or 1))
     started = time.perf_counter()
     build_dir = manifest.new_build_dir(root, "bm25")
     try:
         with tempfile.TemporaryDirectory(prefix="ahf-bm25-input-", dir=root) as tmp:
             # 2 shards per thread keeps both threads busy when shard sizes differ a little.
-            n = write_shards(iter_turn_batches(con), Path(tmp), shards=max(1, 2 * threads), progress=progress)
+            n = write_shards(iter_turn_batches(store), Path(tmp), shards=max(1, 2 * threads), progress=progress)
             if n == 0:
                 raise UserError("the store has no turns to index")
             run_indexer(Path(tmp), build_dir, threads)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ahf.config import load_config
 from index.bm25 import build_bm25
-from index.corpus import read_turns, require_turns
+from index.corpus import require_turns
 from index.dense import DenseConfig, build_dense
 from index.manifest import default_root
 from mining.store import Store
@@ -18,17 +19,18 @@ from mining.store import Store
 
 def build_index(store_dir: str | Path, config: DenseConfig | None = None, index_root: str | Path | None = None,
                 bm25: bool = True, dense: bool = True, threads: int | None = None, progress=None) -> dict:
-    """Index every turn; returns what each side did (docs, seconds, how many texts were encoded)."""
-    config = config or DenseConfig()
+    """Index every turn; returns what each side did (docs, seconds, how many texts were encoded).
+    `config=None` reads configs/index.yaml."""
+    config = config or load_config(DenseConfig, "index")
     root = Path(index_root) if index_root else default_root(store_dir)
     started = time.perf_counter()
     result: dict = {"store": str(store_dir), "index": str(root)}
     with Store(store_dir, read_only=True) as store:
-        result["turns"] = require_turns(store.con)
+        result["turns"] = require_turns(store)
         if bm25:
-            result["bm25"] = build_bm25(store.con, root, threads=threads, progress=progress).to_dict()
+            result["bm25"] = build_bm25(store, root, threads=threads, progress=progress).to_dict()
         if dense:
-            turns = read_turns(store.con).select(["comment_id", "reply"])
+            turns = store.arrow("SELECT comment_id, reply FROM turns ORDER BY comment_id")
     if dense:
         result["dense"] = build_dense(turns["comment_id"].to_pylist(), turns["reply"].to_pylist(), root,
                                       config, progress=progress).to_dict()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import orjson
 import zstandard
 
 from ahf.console import UserError
+from ahf.text import detokenize
 from mining.schema import base36
 
 NEUTRAL_SUBREDDIT = "threads"
@@ -36,18 +36,6 @@ EPOCH = 1_400_000_000
 STORIES = Path("writingprompts/fan2018_500.csv")
 EXPLANATIONS = Path("explanations/validity_annotation.jsonl")
 DISTRACTORS = Path("pushshift/RC_2005-12.zst")
-
-
-def detokenize(text: str) -> str:
-    """Undo the WritingPrompts tokenisation: "[ WP ] I do n't know ." -> "[WP] I don't know."."""
-    text = text.replace("<newline>", "\n")
-    text = re.sub(r"\[\s*([A-Za-z]{2})\s*\]", lambda m: f"[{m.group(1).upper()}]", text)
-    text = re.sub(r" (n't|'s|'re|'ve|'ll|'d|'m)\b", r"\1", text)
-    text = re.sub(r"``\s*|\s*''", '"', text)
-    text = re.sub(r" ([.,!?;:%)\]}])", r"\1", text)
-    text = re.sub(r"([(\[{$]) ", r"\1", text)
-    text = re.sub(r"[ \t]*\n[ \t]*", "\n", text)
-    return text.strip()
 
 
 @dataclass

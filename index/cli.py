@@ -1,42 +1,19 @@
-"""Verbs of the index stage: `index`, `acts tag|checkset`, `query`, `eval acts`.
-
-`eval` is shared with the training stage (`ahf eval rm`): whichever stage registers first creates
-the `eval` verb with its own sub-commands, the others add theirs under it (see `verb_group`, which
-follows the same `parser._ahf_sub` convention as `training.cli.shared_verb`).
-"""
+"""Verbs of the index stage: `index`, `acts tag|checkset`, `query`, `eval acts` (`eval` is shared
+with the training stage's `eval rm`, see ahf.args.shared_verb)."""
 
 from __future__ import annotations
 
 import argparse
 
-from ahf.console import UserError, emit, progress_bar
-
-DEFAULT_STORE = "runs/store"
+from ahf.args import add_config, add_json, add_store, shared_verb
+from ahf.console import emit, progress_bar
 
 
 def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
     if store:
-        p.add_argument("--store", default=DEFAULT_STORE, help=f"store directory (default: {DEFAULT_STORE})")
+        add_store(p)
         p.add_argument("--index-dir", help="index root (default: STORE/index)")
-    p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
-
-
-def verb_group(subparsers, name: str, help: str):
-    """The sub-command action of verb `name`, creating the verb if no stage has yet.
-
-    Lets two stages share a verb such as `eval` (`ahf eval acts`, `ahf eval rm`).
-    """
-    parser = subparsers.choices.get(name)
-    if parser is None:
-        parser = subparsers.add_parser(name, help=help)
-    # Same convention as training.cli.shared_verb: the action is kept as `parser._ahf_sub`.
-    sub = getattr(parser, "_ahf_sub", None)
-    if sub is None:
-        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-    if sub is None:
-        sub = parser.add_subparsers(dest=f"{name}_command", metavar="WHAT", required=True)
-    parser._ahf_sub = sub
-    return sub
+    add_json(p)
 
 
 def add_commands(subparsers) -> None:
@@ -46,15 +23,14 @@ def add_commands(subparsers) -> None:
     p.add_argument("--index-type", choices=["auto", "flat", "hnsw"], help="FAISS index (default auto: by size)")
     p.add_argument("--only", choices=["bm25", "dense"], help="build one side only")
     p.add_argument("--threads", type=int, help="Lucene indexing threads (default: CPU count, at most 8)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dense config field")
+    add_config(p, "index")
     p.set_defaults(handler=run_index)
 
     acts = subparsers.add_parser("acts", help="dialog acts: tag turns, build the labelled check set")
     acts_sub = acts.add_subparsers(dest="acts_command", metavar="WHAT", required=True)
     p = acts_sub.add_parser("tag", help="tag every turn with its dialog act and a confidence (table `acts`)")
     _common(p)
-    p.add_argument("--config", help="act definitions (default configs/acts.yaml)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    add_config(p, "acts")
     p.set_defaults(handler=run_acts_tag)
     p = acts_sub.add_parser("checkset", help="write the labelled check set built from ../shared/data")
     p.add_argument("--data", default="../shared/data", help="the shared real-data folder")
@@ -72,7 +48,7 @@ def add_commands(subparsers) -> None:
     _common(p)
     p.set_defaults(handler=run_query)
 
-    evals = verb_group(subparsers, "eval", "evaluate a stage's output against labels or held-out data")
+    evals = shared_verb(subparsers, "eval", "evaluate a stage's output against labels or held-out data")
     p = evals.add_parser("acts", help="precision@k and recall of the act tagger against labels")
     p.add_argument("--labels", required=True, help="JSON file mapping comment ids to act names")
     p.add_argument("--k", type=int, default=50, help="precision cut-off (default 50)")
@@ -81,19 +57,13 @@ def add_commands(subparsers) -> None:
 
 
 def run_index(args) -> int:
-    from ahf.config import parse_overrides
+    from ahf.config import load_config
     from index.build import build_index
     from index.dense import DenseConfig
 
-    fields = parse_overrides(args.set)
-    if args.encoder:
-        fields["encoder"] = args.encoder
-    if args.index_type:
-        fields["index_type"] = args.index_type
-    try:
-        config = DenseConfig(**fields)
-    except Exception as exc:
-        raise UserError(f"index settings: {exc}") from exc
+    config = load_config(DenseConfig, "index", args.config, args.set)
+    flags = {"encoder": args.encoder, "index_type": args.index_type}
+    config = DenseConfig.model_validate({**config.model_dump(), **{k: v for k, v in flags.items() if v}})
     with progress_bar("index", enabled=not args.json) as advance:
         result = build_index(args.store, config, args.index_dir, bm25=args.only != "dense",
                              dense=args.only != "bm25", threads=args.threads, progress=advance)

@@ -25,9 +25,12 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from ahf.config import StageConfig, load_config
 
 from ahf.console import UserError
 from index import manifest
@@ -35,15 +38,15 @@ from index import manifest
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 
 
-class DenseConfig(BaseModel):
-    """How the dense index is built."""
+class DenseConfig(StageConfig):
+    """How the dense index is built (configs/index.yaml)."""
 
     encoder: str = Field(DEFAULT_ENCODER, description="model name or local path; the default ships offline")
-    index_type: str = Field("auto", pattern="^(auto|flat|hnsw)$", description="auto: flat below hnsw_threshold")
+    index_type: Literal["auto", "flat", "hnsw"] = Field("auto", description="auto: flat below hnsw_threshold")
     hnsw_threshold: int = Field(200_000, ge=0, description="vectors from which `auto` uses HNSW")
-    hnsw_m: int = Field(32, ge=4)
-    hnsw_ef_construction: int = Field(80, ge=8)
-    hnsw_ef_search: int = Field(64, ge=8)
+    hnsw_m: int = Field(32, ge=4, description="HNSW graph degree")
+    hnsw_ef_construction: int = Field(80, ge=8, description="HNSW candidate list while building")
+    hnsw_ef_search: int = Field(64, ge=8, description="HNSW candidate list while searching (at least k)")
     batch_size: int = Field(0, ge=0, description="encoder batch; 0 = 64 on CPU, 512 on GPU")
     chunk_texts: int = Field(4096, ge=1, description="texts encoded (and cached) per step")
     device: str | None = Field(None, description="torch device; default cuda when available, else cpu")
@@ -196,7 +199,7 @@ def embed_texts(texts: list[str], cache: EmbeddingCache, encoder_factory, chunk:
     rows = cache.find(keys)
     missing = np.flatnonzero(rows < 0)
     # Encode each missing distinct text once.
-    uniq_keys, first = np.unique(keys[missing], return_index=True)
+    _, first = np.unique(keys[missing], return_index=True)
     todo = missing[first]
     stats = {"texts": len(texts), "cached": int(len(texts) - len(missing)), "encoded": int(len(todo)),
              "encode_s": 0.0}
@@ -276,7 +279,7 @@ def build_dense(comment_ids: list[str], texts: list[str], root: str | Path,
     """Embed (cached) and index `texts`, one per comment id, into a new dense index under `root`."""
     import faiss
 
-    config = config or DenseConfig()
+    config = config or load_config(DenseConfig, "index")
     root = Path(root)
     if not comment_ids:
         raise UserError("the store has no turns to index")

@@ -1,7 +1,7 @@
 """Fuse ranked lists (BM25 and dense) into one ranking.
 
 A run is a list of `(docid, score)`, best first. Both methods match pyserini's conventions
-(`pyserini.fusion`), which tests/test_index_fusion.py checks on the same runs:
+(`pyserini.fusion`), which tests/test_index.py::test_fusion_matches_pyserini_on_real_runs checks:
 - `rrf`: score = sum over runs of 1 / (rrf_k + rank), rank counted from 1 (Cormack et al. 2009);
 - `interpolate`: each run's scores min-max normalised to [0, 1] (all equal -> 1), then
   alpha * first + (1 - alpha) * second; a document missing from a run gets 0 from it.

@@ -4,7 +4,7 @@ Layout of an index root (default `STORE/index/`):
 
     manifest.json          {"bm25": {"dir": "bm25-…", ...}, "dense": {"dir": "dense-…", ...}}
     bm25-<stamp>/          a Lucene index (Anserini)
-    dense-<stamp>/         faiss `index`, `docid` (one comment id per line), `text_sha.npy`, `meta.json`
+    dense-<stamp>/         faiss `index`, `docid` (one comment id per line), `text_key.npy`, `meta.json`
     embeddings/<encoder>/  the embedding cache (see index.dense)
 
 A build writes a fresh `<kind>-<stamp>/` directory, then replaces `manifest.json` with

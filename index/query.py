@@ -51,18 +51,17 @@ class ActSearcher:
         self.fusion, self.alpha = fusion, alpha
         self.bm25_depth, self.dense_depth = bm25_depth, dense_depth
         self.store = Store(store_dir, read_only=True)
-        con = self.store.con
-        if not self.store.has_table("acts"):
-            raise UserError(f"the store {store_dir} has no `acts` table: run `ahf acts tag --store DIR` first")
-        rows = con.sql("SELECT a.comment_id, a.act, a.confidence, coalesce(t.subreddit, '') AS subreddit "
-                       "FROM acts a JOIN turns t USING (comment_id) "
-                       "ORDER BY a.act, a.confidence DESC, a.comment_id").fetchnumpy()
+        self.store.require("acts", "run `ahf acts tag --store DIR` first")
+        rows = self.store.arrow("SELECT a.comment_id, a.act, a.confidence, coalesce(t.subreddit, '') AS subreddit "
+                                "FROM acts a JOIN turns t USING (comment_id) "
+                                "ORDER BY a.act, a.confidence DESC, a.comment_id")
+        rows = {name: rows[name].to_numpy(zero_copy_only=False) for name in rows.column_names}
         self._ids, self._acts = rows["comment_id"].astype(object), rows["act"].astype(object)
         self._conf = rows["confidence"].astype(float)
         self._subs = rows["subreddit"].astype(object)
         self.acts = sorted(set(self._acts.tolist()))
         # every act the tagger knew, found or not (a store tagged before `act_types` existed: those found)
-        tagged = con.execute("SELECT act FROM act_types").fetchall() if self.store.has_table("act_types") else []
+        tagged = self.store.rows("SELECT act FROM act_types") if self.store.has_table("act_types") else []
         self.known_acts = sorted({*self.acts, *(row[0] for row in tagged)})
         self._by_act: dict[str, np.ndarray] = {a: np.flatnonzero(self._acts == a) for a in self.acts}
         self._conf_of = dict(zip(self._ids.tolist(), self._conf.tolist()))
@@ -141,7 +140,7 @@ class ActSearcher:
 
     def _turns(self, ids: list[str]) -> dict[str, dict]:
         if self._bm25 is None:  # no engine loaded (a query without TEXT): read the store
-            return fetch_turns(self.store.con, ids)
+            return fetch_turns(self.store, ids)
         # The Lucene documents store the reply and context as indexed: no SQL on the query path.
         out = {}
         for cid in ids:

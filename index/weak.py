@@ -20,16 +20,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from ahf.config import StageConfig
 
 
-class ClassifierConfig(BaseModel):
+class ClassifierConfig(StageConfig):
+    """The weak-label act classifier: a logistic regression per act on the reply embeddings."""
+
     min_structure: float = Field(0.6, ge=0, le=1, description="structure score that makes a weak positive")
-    min_positives: int = Field(20, ge=2)
+    min_positives: int = Field(20, ge=2, description="an act with fewer weak positives gets no classifier")
     max_unlabelled: int = Field(50_000, ge=100, description="unlabelled turns sampled for training")
-    l2: float = Field(1e-3, ge=0)
-    steps: int = Field(300, ge=1)
-    seed: int = 0
+    l2: float = Field(1e-3, ge=0, description="L2 penalty of the logistic regression")
+    steps: int = Field(300, ge=1, description="full-batch gradient steps")
+    seed: int = Field(0, description="seed of the unlabelled sample")
 
 
 @dataclass

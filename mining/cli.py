@@ -2,45 +2,32 @@
 
 from __future__ import annotations
 
-import argparse
-
 from rich.markup import escape
 
-from ahf.console import UserError, emit, progress_bar
-
-DEFAULT_STORE = "runs/store"
-
-
-def add_store_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", default=DEFAULT_STORE, help=f"store directory (default: {DEFAULT_STORE})")
-
-
-def add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+from ahf.args import add_config, add_json, add_store
+from ahf.console import emit, progress_bar
 
 
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("ingest", help="ingest dumps / API JSON / BigQuery exports into the store")
     p.add_argument("paths", nargs="+", help="files or directories")
-    add_store_arg(p)
+    add_store(p)
     p.add_argument("--no-turns", action="store_true", help="skip rebuilding threads and turns afterwards")
     p.add_argument("--batch-rows", type=int, default=245_760,
                    help="rows per committed transaction, rounded down to whole DuckDB row groups (122,880)")
-    p.add_argument("--config", help="mining config YAML (default configs/mining.yaml)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
-    add_common(p)
+    add_config(p, "mining")
+    add_json(p)
     p.set_defaults(handler=run_ingest)
 
     p = subparsers.add_parser("turns", help="rebuild threads and dialog turns from the store")
-    add_store_arg(p)
-    p.add_argument("--config", help="mining config YAML (default configs/mining.yaml)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
-    add_common(p)
+    add_store(p)
+    add_config(p, "mining")
+    add_json(p)
     p.set_defaults(handler=run_turns)
 
     p = subparsers.add_parser("stats", help="summarise a store: threads, turns, depths, subreddits")
-    add_store_arg(p)
-    add_common(p)
+    add_store(p)
+    add_json(p)
     p.set_defaults(handler=run_stats)
 
 
@@ -53,17 +40,12 @@ def _mining_config(args):
 
 def run_ingest(args) -> int:
     from mining.ingest import ingest
-    from mining.turns import build_turns
 
     config = _mining_config(args)
-    try:
-        with progress_bar("ingest", unit="bytes", enabled=not args.json) as advance:
-            report = ingest(args.paths, args.store, batch_rows=args.batch_rows, progress=advance)
-    except FileNotFoundError as exc:
-        raise UserError(str(exc)) from exc
+    with progress_bar("ingest", unit="bytes", enabled=not args.json) as advance:
+        report = ingest(args.paths, args.store, batch_rows=args.batch_rows, progress=advance,
+                        rebuild=not args.no_turns, turn_config=config.turns)
     result = report.to_dict()
-    if not args.no_turns:
-        result["turns"] = build_turns(args.store, config.turns).to_dict()
     lines = [f"read {report.records_read:,} records: ingested {report.ingested:,}, "
              f"skipped {sum(report.skipped.values()):,} {escape(str(report.skipped)) if report.skipped else ''}",
              f"store {args.store}: {report.store['comments']:,} comments, {report.store['posts']:,} posts, "

@@ -24,11 +24,13 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
+from ahf.config import StageConfig
 from ahf.console import UserError
 from mining.ingest import ingest_records, summary_counts
 from mining.store import Store
+from mining.turns import TurnConfig, TurnReport, rebuild_turns
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +46,10 @@ _STATE_SQL = (
 )
 
 
-class CrawlConfig(BaseModel):
+class CrawlConfig(StageConfig):
     """What to crawl and how politely. No credentials here: PRAW reads them (env or praw.ini)."""
 
-    subreddit: str | None = None
+    subreddit: str | None = Field(None, description="walk r/NAME/new, newest first (at most ~1,000 posts)")
     submissions: list[str] = Field(default_factory=list, description="ids or URLs of threads to crawl")
     limit: int | None = Field(None, ge=1, description="at most this many posts from the `new` listing")
     since: int | None = Field(None, description="stop the `new` walk at posts created before this (unix s)")
@@ -55,8 +57,8 @@ class CrawlConfig(BaseModel):
     refresh: bool = Field(False, description="re-crawl threads already marked finished")
     max_requests: int | None = Field(None, ge=1, description="start no new thread after this many HTTP requests")
     site: str | None = Field(None, description="praw.ini section holding the credentials")
-    oauth_url: str | None = None  # API base URL (tests point it at a loopback server)
-    reddit_url: str | None = None  # token endpoint base URL
+    oauth_url: str | None = Field(None, description="API base URL (default https://oauth.reddit.com)")
+    reddit_url: str | None = Field(None, description="token endpoint base URL (default https://www.reddit.com)")
     timeout: int = Field(16, ge=1, description="seconds to wait for one HTTP response")
     listing_cap: int = Field(LISTING_CAP, ge=1, description="Reddit's listing cap, for the gap warning")
 
@@ -69,7 +71,7 @@ class CrawlConfig(BaseModel):
 
 @dataclass
 class CrawlReport:
-    subreddit: str | None = None
+    subreddit: str | None = Field(None, description="walk r/NAME/new, newest first (at most ~1,000 posts)")
     listed: int = 0
     crawled: int = 0
     skipped_done: int = 0
@@ -87,6 +89,7 @@ class CrawlReport:
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
     store: dict[str, int] = field(default_factory=dict)
+    turns: TurnReport | None = None  # the rebuild after a crawl that ingested anything
 
     @property
     def ok(self) -> bool:
@@ -110,6 +113,7 @@ class CrawlReport:
             **self.store,
             "errors": self.errors,
             "seconds": round(self.seconds, 3),
+            **({"turns": self.turns.to_dict()} if self.turns else {}),
         }
 
 
@@ -240,30 +244,26 @@ class CrawlState:
     """`crawl_state` (one row per finished thread) and `crawl_subreddits` in the store's DuckDB."""
 
     def __init__(self, store: Store):
-        self.con = store.con
+        self.store = store
         for sql in _STATE_SQL:
-            self.con.execute(sql)
+            store.execute(sql)
 
     def is_done(self, submission_id: str) -> bool:
-        return self.con.execute("SELECT 1 FROM crawl_state WHERE submission_id = ?",
-                                [submission_id]).fetchone() is not None
+        return bool(self.store.rows("SELECT 1 FROM crawl_state WHERE submission_id = ?", [submission_id]))
 
     def mark_done(self, submission_id: str, subreddit: str | None, created_utc: int | None, comments: int) -> None:
-        self.con.execute(
-            "INSERT OR REPLACE INTO crawl_state VALUES (?, ?, ?, ?, ?)",
-            [submission_id, subreddit, created_utc, comments, int(time.time())],
-        )
+        self.store.execute("INSERT OR REPLACE INTO crawl_state VALUES (?, ?, ?, ?, ?)",
+                           [submission_id, subreddit, created_utc, comments, int(time.time())])
 
     def newest(self, subreddit: str) -> int | None:
-        row = self.con.execute("SELECT newest_created_utc FROM crawl_subreddits WHERE subreddit = ?",
-                               [subreddit.lower()]).fetchone()
-        return row[0] if row else None
+        return self.store.value("SELECT newest_created_utc FROM crawl_subreddits WHERE subreddit = ?",
+                                [subreddit.lower()])
 
     def record_walk(self, subreddit: str, newest_seen: int | None) -> int | None:
         newest = max(x for x in (self.newest(subreddit), newest_seen, -1) if x is not None)
         newest = None if newest < 0 else newest
-        self.con.execute("INSERT OR REPLACE INTO crawl_subreddits VALUES (?, ?, ?)",
-                         [subreddit.lower(), newest, int(time.time())])
+        self.store.execute("INSERT OR REPLACE INTO crawl_subreddits VALUES (?, ?, ?)",
+                           [subreddit.lower(), newest, int(time.time())])
         return newest
 
 
@@ -277,9 +277,11 @@ def _targets(reddit, config: CrawlConfig) -> Iterator[tuple[str, Any]]:
         yield from (("listed", s) for s in reddit.subreddit(config.subreddit).new(limit=config.limit))
 
 
-def crawl(store_dir: str | Path, config: CrawlConfig,
-          progress: Callable[[int], None] | None = None) -> CrawlReport:
-    """Crawl the threads `config` names into the store at `store_dir`; see the module docstring."""
+def crawl(store_dir: str | Path, config: CrawlConfig, progress: Callable[[int], None] | None = None,
+          rebuild: bool = True, turn_config: TurnConfig | None = None) -> CrawlReport:
+    """Crawl the threads `config` names into the store at `store_dir`; see the module docstring.
+    When anything was ingested and `rebuild` is on, the turns are rebuilt with `turn_config`
+    (None: configs/mining.yaml) on the same open store."""
     if not config.subreddit and not config.submissions:
         raise UserError("nothing to crawl: give --subreddit NAME and/or --submission ID")
     counter: Counter = Counter()
@@ -302,6 +304,8 @@ def crawl(store_dir: str | Path, config: CrawlConfig,
             _record_walk(config, state, report, previous_newest)
         report.ratelimit = {k: v for k, v in reddit.auth.limits.items() if v is not None}
         report.store = summary_counts(store)
+        if rebuild and report.ingested:
+            report.turns = rebuild_turns(store, turn_config)
     report.seconds = time.perf_counter() - started
     return report
 

@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 from rich.markup import escape
 
+from ahf.args import add_config, add_json, add_store
 from ahf.console import emit, progress_bar
-from mining.cli import add_common, add_store_arg
 
 
 def add_commands(subparsers) -> None:
@@ -26,11 +26,12 @@ def add_commands(subparsers) -> None:
     p.add_argument("--site", help="praw.ini section with the credentials")
     p.add_argument("--oauth-url", help="API base URL (default https://oauth.reddit.com)")
     p.add_argument("--reddit-url", help="token endpoint base URL (default https://www.reddit.com)")
-    add_store_arg(p)
+    add_store(p)
     p.add_argument("--no-turns", action="store_true", help="skip rebuilding threads and turns afterwards")
-    p.add_argument("--config", help="crawl config YAML (default configs/crawl.yaml, if present)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
-    add_common(p)
+    add_config(p, "crawl")
+    p.add_argument("--mining-config", metavar="FILE", help="mining config YAML for the turns rebuild "
+                                                           "(default: configs/mining.yaml)")
+    add_json(p)
     p.set_defaults(handler=run_crawl)
 
 
@@ -55,14 +56,14 @@ def _utc(timestamp: int | None) -> str | None:
 def run_crawl(args) -> int:
     from mining.crawl import crawl
 
-    config = _config(args)
-    with progress_bar("crawl", unit="threads", enabled=not args.json) as advance:
-        report = crawl(args.store, config, progress=advance)
-    result = report.to_dict()
-    if not args.no_turns and report.ingested:
-        from mining.turns import build_turns
+    from ahf.config import load_config
+    from mining.turns import MiningConfig
 
-        result["turns"] = build_turns(args.store).to_dict()
+    config = _config(args)
+    turns = load_config(MiningConfig, "mining", args.mining_config).turns
+    with progress_bar("crawl", unit="threads", enabled=not args.json) as advance:
+        report = crawl(args.store, config, progress=advance, rebuild=not args.no_turns, turn_config=turns)
+    result = report.to_dict()
     where = f"r/{report.subreddit}" if report.subreddit else "given threads"
     lines = [
         f"{where}: crawled {report.crawled:,} threads ({report.comments_crawled:,} comments), "

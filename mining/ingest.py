@@ -3,7 +3,8 @@
 Invariant of the report: `records_read == ingested + sum(skipped.values())`, per file and in total.
 A file that cannot be read to its end (truncated or corrupt compression, invalid JSON document)
 is reported in `errors` with where it stopped; the batches committed before that point stay, and
-nothing already in the store is lost.
+nothing already in the store is lost. Then, unless told not to, the turns are rebuilt on the same
+open store (mining.turns), so no other process can slip in between the two.
 """
 
 from __future__ import annotations
@@ -15,15 +16,19 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import orjson
 
+from ahf.console import UserError
+
 from mining.normalize import ParsedBlock, ParserPool, RowBuffer, SkipRecord, normalize_record
 from mining.readers import Document, InputError, LineBlock, read_items, split_lines
 from mining.reddit_api import iter_document
 from mining.store import ROW_GROUP_ROWS, Store
+from mining.turns import TurnConfig, TurnReport, rebuild_turns
 
 DEFAULT_BATCH_ROWS = 2 * ROW_GROUP_ROWS  # 245,760
 MAX_EXAMPLES_PER_REASON = 3
@@ -52,6 +57,7 @@ class IngestReport:
     files: list[FileReport] = field(default_factory=list)
     seconds: float = 0.0
     store: dict[str, int] = field(default_factory=dict)
+    turns: TurnReport | None = None  # the rebuild after loading (None: not asked for)
 
     @property
     def records_read(self) -> int:
@@ -89,6 +95,7 @@ class IngestReport:
                 {**{k: v for k, v in asdict(f).items() if k != "skipped"}, "skipped": dict(f.skipped)}
                 for f in self.files
             ],
+            **({"turns": self.turns.to_dict()} if self.turns else {}),
         }
 
 
@@ -102,7 +109,7 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
         elif path.exists():
             out.append(path)
         else:
-            raise FileNotFoundError(f"no such file or directory: {path}")
+            raise UserError(f"no such file or directory: {path}")
     return out
 
 
@@ -315,28 +322,34 @@ def ingest_records(store: Store, records: Iterator[tuple[str, dict | str]], sour
 
 
 def ingest(paths: Iterable[str | Path], store_dir: str | Path, batch_rows: int = DEFAULT_BATCH_ROWS,
-           progress: Callable[[int], None] | None = None) -> IngestReport:
-    """Ingest files into the store at `store_dir` and return the accounting report."""
+           progress: Callable[[int], None] | None = None, rebuild: bool = True,
+           turn_config: TurnConfig | None = None) -> IngestReport:
+    """Ingest files into the store at `store_dir`, then (`rebuild`) rebuild its turns with
+    `turn_config` (None: configs/mining.yaml); returns the accounting report."""
     files = expand_paths(paths)
     started = time.perf_counter()
     report = IngestReport()
-    with Store(store_dir) as store, ParserPool(parse_threads()) as parsers:
-        _prepare_bulk_load(store)
-        for path in files:
-            report.files.append(ingest_file(store, path, batch_rows, on_bytes=progress, parsers=parsers))
-        store.con.execute("RESET threads")  # the summary queries below are DuckDB's alone
+    with Store(store_dir) as store:
+        with ParserPool(parse_threads()) as parsers, _bulk_load(store):
+            for path in files:
+                report.files.append(ingest_file(store, path, batch_rows, on_bytes=progress, parsers=parsers))
         report.store = summary_counts(store)
+        if rebuild:
+            report.turns = rebuild_turns(store, turn_config)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _prepare_bulk_load(store: Store) -> None:
-    # On a terminal DuckDB draws its own progress bar for long statements, into our output.
-    store.con.execute("SET enable_progress_bar = false")
-    # The ingest is already a pipeline (decompress thread, Arrow parse threads, writer thread):
-    # DuckDB's own threads compete with it for the cores. On 2 cores one DuckDB thread inserted a
-    # 250k-row batch with ~35 % less CPU than two (docs/bench/ingest.md).
-    store.con.execute(f"SET threads = {max(1, _cores() // 2)}")
+@contextmanager
+def _bulk_load(store: Store) -> Iterator[None]:
+    """The ingest is already a pipeline (decompress thread, parse threads, writer thread): DuckDB's
+    own threads compete with it for the cores. On 2 cores one DuckDB thread inserted a 250k-row
+    batch with ~35 % less CPU than two (docs/bench/ingest.md). Queries after the load get them all."""
+    store.execute(f"SET threads = {max(1, _cores() // 2)}")
+    try:
+        yield
+    finally:
+        store.execute("RESET threads")
 
 
 def _cores() -> int:

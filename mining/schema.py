@@ -1,9 +1,27 @@
-"""The store's row schema: one row per Reddit id, columns named as Reddit names them.
+"""The data model: every table of a store, its columns and who writes it, in one place.
 
-Posts and comments keep Reddit's own identifiers (`id` bare, `parent_id` and `link_id` as
-fullnames `t1_…`/`t3_…`) so that a row maps 1:1 to the record it came from (as in ConvoKit).
-`retrieved_utc` is the newest of the retrieval stamps a record carries (`retrieved_on`,
-`retrieved_utc`, `_meta.retrieved_2nd_on`); it decides which copy of an id wins on re-ingest.
+A store holds what Reddit said and what the stages derived from it (ConvoKit's corpus /
+conversation / utterance, mapped onto tables):
+
+| table | one row per | written by | schema |
+|---|---|---|---|
+| `posts` | Reddit post (t3), as Reddit names its fields | `ahf ingest`, `ahf crawl` | `POST_SCHEMA` |
+| `comments` | Reddit comment (t1), as Reddit names its fields | `ahf ingest`, `ahf crawl` | `COMMENT_SCHEMA` |
+| `turns` | comment that is a reply in a dialog (docs/turns.md) | `ahf turns` (and ingest) | `TURN_SCHEMA` |
+| `acts` | turn: its dialog act and confidence | `ahf acts tag` | `ACT_SCHEMA` |
+| `act_types` | act the tagger knew, found or not | `ahf acts tag` | `ACT_TYPE_SCHEMA` |
+| `labels` | turn: vote tiers, reply sentiment, reward | `ahf label` | `LABEL_SCHEMA` |
+| `pairs` | preference pair between sibling turns | `ahf label` | `PAIR_SCHEMA` |
+| `meta` | key: schema version, the configs derived tables were built with | every writer | |
+
+Posts and comments keep Reddit's identifiers (`id` bare, `parent_id` and `link_id` as fullnames
+`t1_…`/`t3_…`) so that a row maps 1:1 to the record it came from. `retrieved_utc` is the newest of
+the retrieval stamps a record carries (`retrieved_on`, `retrieved_utc`, `_meta.retrieved_2nd_on`);
+it decides which copy of an id wins on re-ingest.
+
+The dialog context of a turn is defined here once (`turn_rows_sql`) and read by every stage
+(index, acts, export): the post title, the post's selftext, then every ancestor comment's body from
+the top-level comment down to the parent, the non-empty ones joined by `CONTEXT_SEPARATOR`.
 """
 
 from __future__ import annotations
@@ -43,12 +61,114 @@ POST_SCHEMA = pa.schema(
     ]
 )
 
-DELETED_BODIES = ("[deleted]", "[removed]")
+# docs/turns.md describes every column.
+TURN_SCHEMA = pa.schema(
+    [
+        ("comment_id", pa.string()),
+        ("post_id", pa.string()),
+        ("parent_id", pa.string()),
+        ("subreddit", pa.string()),
+        ("author", pa.string()),
+        ("is_op", pa.bool_()),
+        ("reply", pa.string()),
+        ("post_title", pa.string()),
+        ("post_selftext", pa.string()),
+        ("parent_body", pa.string()),
+        ("ancestor_ids", pa.list_(pa.string())),
+        ("depth", pa.int32()),
+        ("score", pa.int64()),
+        ("created_utc", pa.int64()),
+        ("delay_post_s", pa.int64()),
+        ("delay_parent_s", pa.int64()),
+        ("sibling_rank", pa.int32()),
+        ("n_siblings", pa.int32()),
+        ("n_children", pa.int32()),
+        ("child_ids", pa.list_(pa.string())),
+        ("post_score", pa.int64()),
+        ("post_created_utc", pa.int64()),
+        ("over_18", pa.bool_()),
+    ]
+)
+
+# docs/index.md: the tagger's best act per turn (`other` below min_confidence) and its confidence.
+ACT_SCHEMA = pa.schema([("comment_id", pa.string()), ("act", pa.string()), ("confidence", pa.float64())])
+ACT_TYPE_SCHEMA = pa.schema([("act", pa.string())])
+
+# docs/feedback.md describes both.
+LABEL_SCHEMA = pa.schema(
+    [
+        ("comment_id", pa.string()),
+        ("post_id", pa.string()),
+        ("subreddit", pa.string()),
+        ("group_size", pa.int32()),
+        ("z_rank", pa.float64()),
+        ("z_time", pa.float64()),
+        ("adjusted", pa.float64()),
+        ("tier", pa.string()),
+        ("reply_count", pa.int32()),
+        ("reply_sentiment_mean", pa.float64()),
+        ("reply_sentiment_weighted", pa.float64()),
+        ("reply_positive_share", pa.float64()),
+        ("reward", pa.float64()),
+    ]
+)
+
+PAIR_SCHEMA = pa.schema(
+    [
+        ("post_id", pa.string()),
+        ("parent_id", pa.string()),
+        ("chosen_id", pa.string()),
+        ("rejected_id", pa.string()),
+        ("rule", pa.string()),
+        ("margin", pa.float64()),
+        ("chosen_score", pa.int64()),
+        ("rejected_score", pa.int64()),
+        ("chosen_created_utc", pa.int64()),
+        ("rejected_created_utc", pa.int64()),
+    ]
+)
+
+SCHEMAS = {"posts": POST_SCHEMA, "comments": COMMENT_SCHEMA, "turns": TURN_SCHEMA, "acts": ACT_SCHEMA,
+           "act_types": ACT_TYPE_SCHEMA, "labels": LABEL_SCHEMA, "pairs": PAIR_SCHEMA}
 
 # Columns a newer retrieval may change; everything else is fixed at creation.
 MUTABLE_COMMENT_COLUMNS = ("author", "body", "score", "distinguished", "stickied", "retrieved_utc")
 MUTABLE_POST_COLUMNS = ("title", "selftext", "author", "score", "over_18", "num_comments",
                         "link_flair_text", "retrieved_utc")
+
+# Between the parts of a turn's context, and after it where a prompt ends (exports, trainers).
+CONTEXT_SEPARATOR = "\n\n"
+
+
+def turn_rows_sql(where: str = "", columns: str = "t.*") -> str:
+    """SELECT `columns` of the turns with two derived texts, the one definition every stage reads:
+
+    - `context`: the dialog before the reply: post title, selftext, then the ancestor bodies, oldest
+      first; NULL and empty parts left out; joined by CONTEXT_SEPARATOR ('' without any part).
+    - `parent_text`: what the reply answers: the parent comment's body, or for a top-level reply
+      the post title and selftext joined the same way ('' when the post is not in the store).
+
+    `where` filters `turns` (alias-free, e.g. "WHERE comment_id IN (...)") before the contexts
+    are assembled, so a lookup of a few turns never builds them all. Rows come in comment_id order.
+    """
+    sep = CONTEXT_SEPARATOR.replace("'", "''")
+    return f"""
+WITH picked AS (SELECT * FROM turns {where}),
+ancestors AS (
+  SELECT comment_id, unnest(ancestor_ids) AS ancestor_id, generate_subscripts(ancestor_ids, 1) AS position
+  FROM picked
+),
+chain AS (
+  SELECT a.comment_id, string_agg(nullif(c.body, ''), '{sep}' ORDER BY a.position) AS bodies
+  FROM ancestors a JOIN comments c ON c.id = a.ancestor_id
+  GROUP BY a.comment_id
+)
+SELECT {columns},
+       concat_ws('{sep}', nullif(t.post_title, ''), nullif(t.post_selftext, ''), chain.bodies) AS context,
+       coalesce(t.parent_body, concat_ws('{sep}', nullif(t.post_title, ''), nullif(t.post_selftext, ''))) AS parent_text
+FROM picked t LEFT JOIN chain USING (comment_id)
+ORDER BY t.comment_id
+"""
 
 
 def base36(n: int) -> str:
@@ -68,4 +188,13 @@ def empty_table(schema: pa.Schema) -> pa.Table:
 
 
 def duckdb_type(arrow_type: pa.DataType) -> str:
-    return {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.bool_(): "BOOLEAN"}[arrow_type]
+    """The DuckDB column type of an Arrow type of these schemas."""
+    if pa.types.is_list(arrow_type):
+        return duckdb_type(arrow_type.value_type) + "[]"
+    return {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.int32(): "INTEGER", pa.bool_(): "BOOLEAN",
+            pa.float64(): "DOUBLE"}[arrow_type]
+
+
+def create_table_sql(table: str, schema: pa.Schema, if_not_exists: bool = False) -> str:
+    columns = ", ".join(f"{f.name} {duckdb_type(f.type)}" for f in schema)
+    return f"CREATE TABLE {'IF NOT EXISTS ' if if_not_exists else ''}{table} ({columns})"

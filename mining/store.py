@@ -1,9 +1,18 @@
 """The embedded store: one DuckDB file per store directory (see docs/store.md for why DuckDB).
 
-Tables: `posts` and `comments` (one row per Reddit id: the copy with the newest `retrieved_utc`
-wins, ties go to the later write), and `turns` (derived, rebuilt by `mining.turns.build_turns`).
-Every batch is one transaction, so a killed ingest leaves the store as it was after its last
-committed batch, and re-ingesting the same files converges to the same rows as one clean run.
+Every stage reads and writes a store through this class, never through a connection of its own:
+
+- raw rows: `upsert` merges a batch of posts and comments (one row per Reddit id: the copy with
+  the newest `retrieved_utc` wins, ties go to the later write), one transaction per batch, so a
+  killed ingest leaves the store as it was after its last committed batch;
+- derived tables (`turns`, `acts`, `labels`, ...; mining.schema has them all): `replace_tables`
+  builds each from SQL or Arrow with its declared schema and swaps them in together, in one
+  transaction with the meta entries (the configs they were built with), so a failed stage leaves
+  the previous ones;
+- reads: `rows` / `value` / `arrow` / `reader` run a stage's SQL over the tables (DuckDB is the
+  query engine, stages keep their SQL); `turn_rows` gives turns with their dialog context, the
+  one definition of mining.schema.turn_rows_sql; `execute` runs a stage's work statements (temp
+  tables, work tables it fills partition by partition).
 
 The id columns carry no primary key (schema 2): its index cost a third of the ingest's store
 writes and held ~40 bytes per id in memory. Each batch is merged set-wise instead (`Store.upsert`).
@@ -11,24 +20,30 @@ writes and held ~40 bytes per id in memory. Each batch is merged set-wise instea
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow as pa
 
 from ahf.console import UserError
-
 from mining.schema import (
     COMMENT_SCHEMA,
     MUTABLE_COMMENT_COLUMNS,
     MUTABLE_POST_COLUMNS,
     POST_SCHEMA,
-    duckdb_type,
+    SCHEMAS,
+    create_table_sql,
+    turn_rows_sql,
 )
 
 DB_NAME = "ahf.duckdb"
+# meta key: a counter that every committed upsert raises; derived tables record the value they
+# were built from, so a reader can tell when they are older than the rows (`ahf stats`).
+COMMENTS_VERSION = "comments_version"
 SCHEMA_VERSION = 2  # 1: comments and posts had a PRIMARY KEY on id (such stores still work, as they are)
 ROW_GROUP_ROWS = 122_880  # DuckDB's row group: commits of whole groups are never rewritten later
 
@@ -47,11 +62,6 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
 
 class StoreError(UserError):
     """The store cannot be opened or is not there; the CLI prints the message."""
-
-
-def _create_sql(table: str, schema: pa.Schema) -> str:
-    columns = ", ".join(f"{f.name} {duckdb_type(f.type)}" for f in schema)
-    return f"CREATE TABLE IF NOT EXISTS {table} ({columns})"
 
 
 def _merge_sql(table: str, schema: pa.Schema, mutable: tuple[str, ...], source: str) -> list[str]:
@@ -95,8 +105,8 @@ class Store:
 
     def _init_schema(self) -> None:
         self.con.execute("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
-        self.con.execute(_create_sql("comments", COMMENT_SCHEMA))
-        self.con.execute(_create_sql("posts", POST_SCHEMA))
+        self.con.execute(create_table_sql("comments", COMMENT_SCHEMA, if_not_exists=True))
+        self.con.execute(create_table_sql("posts", POST_SCHEMA, if_not_exists=True))
         self.con.execute(
             "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING", [str(SCHEMA_VERSION)]
         )
@@ -146,6 +156,8 @@ class Store:
                 for _, sql in statements:
                     for statement in sql:
                         self.con.execute(statement)
+                self.con.execute("INSERT INTO meta VALUES (?, '1') ON CONFLICT (key) DO UPDATE "
+                                 "SET value = CAST(CAST(meta.value AS BIGINT) + 1 AS VARCHAR)", [COMMENTS_VERSION])
         finally:
             for view, _ in statements:
                 self.con.unregister(view)
@@ -165,14 +177,90 @@ class Store:
     def count(self, table: str) -> int:
         if not self.has_table(table):
             return 0
-        return self.con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
+        return self.value(f"SELECT count(*) FROM {table}")
 
     def has_table(self, table: str) -> bool:
-        return bool(
-            self.con.execute(
-                "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]
-            ).fetchall()[0][0]
-        )
+        return bool(self.value("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]))
+
+    def require(self, table: str, hint: str) -> int:
+        """The row count of `table`; a clear error (with what to run first) when it is not there."""
+        if not self.has_table(table):
+            raise StoreError(f"the store {self.path} has no `{table}` table: {hint}")
+        return self.count(table)
+
+    # ------------------------------------------------------------------ reads (a stage's SQL)
+
+    def rows(self, sql: str, params: Any = None) -> list[tuple]:
+        return self.con.execute(sql, params).fetchall()
+
+    def value(self, sql: str, params: Any = None) -> Any:
+        """The first column of the first row (None when there is no row)."""
+        rows = self.con.execute(sql, params).fetchall()  # (DuckDB 2 wants every result finished)
+        return rows[0][0] if rows else None
+
+    def arrow(self, sql: str, params: Any = None) -> pa.Table:
+        return self.con.sql(sql, params=params).to_arrow_table()
+
+    def reader(self, sql: str, params: Any = None, batch_rows: int = 100_000) -> pa.RecordBatchReader:
+        """A stream of record batches (temp tables included); read it to the end before other work on the store."""
+        return self.con.sql(sql, params=params).to_arrow_reader(batch_rows)
+
+    def turn_rows(self, where: str = "", params: Any = None, columns: str = "t.*") -> pa.Table:
+        """Turns with their `context` and `parent_text` (mining.schema.turn_rows_sql), comment_id order."""
+        self.require("turns", "run `ahf turns` (or `ahf ingest`) first")
+        return self.arrow(turn_rows_sql(where, columns), params)
+
+    def execute(self, sql: str, params: Any = None) -> None:
+        """A stage's work statement (a temp table, an insert into its own work table)."""
+        self.con.execute(sql, params)
+
+    @contextmanager
+    def registered(self, name: str, table: pa.Table) -> Iterator[str]:
+        """`table` readable by SQL as `name` inside the block."""
+        self.con.register(name, table)
+        try:
+            yield name
+        finally:
+            self.con.unregister(name)
+
+    # ------------------------------------------------------------------ derived tables and meta
+
+    def replace_tables(self, sources: dict[str, str | tuple[str, Any] | pa.Table],
+                       meta: dict[str, Any] | None = None) -> None:
+        """Build each table from its source (a SELECT, a (SELECT, params) pair, or an Arrow table),
+        with its schema from mining.schema when it has one, and swap all of them in at once, with the
+        `meta` entries, in one transaction: readers see the old tables or the new ones, and a failure
+        keeps the old."""
+        arrow = {name: f"_replace_{name}" for name, source in sources.items() if isinstance(source, pa.Table)}
+        for name, view in arrow.items():
+            self.con.register(view, sources[name])
+        try:
+            with transaction(self.con):
+                for name, source in sources.items():
+                    select, params = (f"SELECT * FROM {arrow[name]}", None) if name in arrow else \
+                        source if isinstance(source, tuple) else (source, None)
+                    self.con.execute(f"DROP TABLE IF EXISTS {name}__new")
+                    if name in SCHEMAS:  # the declared types: a wrong column is an error here
+                        self.con.execute(create_table_sql(f"{name}__new", SCHEMAS[name]))
+                        self.con.execute(f"INSERT INTO {name}__new BY NAME {select}", params)
+                    else:
+                        self.con.execute(f"CREATE TABLE {name}__new AS {select}", params)
+                    self.con.execute(f"DROP TABLE IF EXISTS {name}")
+                    self.con.execute(f"ALTER TABLE {name}__new RENAME TO {name}")
+                for key, value in (meta or {}).items():
+                    self._write_meta(key, value)
+        finally:
+            for view in arrow.values():
+                self.con.unregister(view)
+
+    def meta(self, key: str) -> Any:
+        """A meta value (JSON-decoded), or None when the key is not there."""
+        raw = self.value("SELECT value FROM meta WHERE key = ?", [key]) if self.has_table("meta") else None
+        return None if raw is None else json.loads(raw)
+
+    def _write_meta(self, key: str, value: Any) -> None:
+        self.con.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                         [key, json.dumps(value)])
 
     def thread_counts(self) -> dict[str, int]:
         """Threads (distinct posts seen through either a post or a comment) and orphan replies.

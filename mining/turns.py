@@ -1,10 +1,11 @@
 """Rebuild comment trees and extract dialog turns: (post, ancestor chain) -> reply.
 
-`build_turns` derives the `turns` table from `posts` and `comments` in one SQL pass inside
-DuckDB (the tree walk is a recursive CTE from the top-level comments down, so a comment whose
-ancestor is missing is never reached: it is an orphan). Every comment ends up either as a turn or
-under exactly one filter reason, so `comments == turns + sum(filtered)`. The table is replaced
-atomically: a failed rebuild leaves the previous turns. The contract is documented in docs/turns.md.
+`rebuild_turns` derives the `turns` table (mining.schema.TURN_SCHEMA) from `posts` and `comments`
+inside DuckDB: one tree walk classifies every comment (a turn, or the first reason it is not), then
+the turns are assembled with their siblings, children and post. Every comment ends up either as a
+turn or under exactly one filter reason, so `comments == turns + sum(filtered)`. The table is
+replaced atomically: a failed rebuild leaves the previous turns. The dialog context of a turn is
+defined once, in mining.schema.turn_rows_sql. The contract is documented in docs/turns.md.
 """
 
 from __future__ import annotations
@@ -13,25 +14,30 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from mining.store import Store, transaction
+from ahf.config import StageConfig, load_config
+from mining.store import COMMENTS_VERSION, Store
 
 DEFAULT_BOTS = ["AutoModerator", "RemindMeBot", "WikiTextBot", "sneakpeekbot", "RepostSleuthBot",
                 "TweetPoster", "autowikibot", "image_linker_bot", "SaveVideo", "B0tRank", "GifReversingBot"]
 
 
-class TurnConfig(BaseModel):
+class TurnConfig(StageConfig):
     """Which comments become turns. Each rule that drops a comment is counted under its name."""
 
     min_chars: int = Field(5, ge=0, description="replies shorter than this (after stripping) -> too_short")
     drop_deleted: bool = Field(True, description="'[deleted]' / '[removed]' / empty bodies are never reply texts")
-    bot_authors: list[str] = Field(default_factory=lambda: list(DEFAULT_BOTS))
+    bot_authors: list[str] = Field(default_factory=lambda: list(DEFAULT_BOTS),
+                                   description="comments by these authors -> bot_author (and their replies to "
+                                               "a turn never count as its reply sentiment)")
     drop_nsfw: bool = Field(True, description="replies under posts marked over_18 -> nsfw")
 
 
-class MiningConfig(BaseModel):
-    turns: TurnConfig = Field(default_factory=TurnConfig)
+class MiningConfig(StageConfig):
+    """The mining stage's config (configs/mining.yaml)."""
+
+    turns: TurnConfig = Field(default_factory=TurnConfig, description="which comments become turns")
 
 
 @dataclass
@@ -60,8 +66,11 @@ CASE
 END
 """
 
-_TURNS_SQL = f"""
-CREATE TABLE turns_new AS
+# Pass 1, the tree walk, once: every comment with its ancestors (a recursive walk from the
+# top-level comments down, so a comment whose ancestor is missing is never reached: an orphan) and
+# the reason it is not a turn (NULL: it is one).
+_CLASSIFY_SQL = f"""
+CREATE OR REPLACE TEMP TABLE turn_classes AS
 WITH RECURSIVE
   edges AS (
     SELECT id, CASE WHEN starts_with(parent_id, 't1_') THEN substr(parent_id, 4) END AS parent_comment
@@ -72,7 +81,16 @@ WITH RECURSIVE
     UNION ALL
     SELECT e.id, list_append(tree.ancestor_ids, tree.id)
     FROM edges e JOIN tree ON e.parent_comment = tree.id
-  ),
+  )
+SELECT c.id, t.ancestor_ids, {_REASON_SQL} AS reason
+FROM comments c
+LEFT JOIN tree t ON t.id = c.id
+LEFT JOIN posts p ON p.id = substr(c.link_id, 4)
+"""
+
+# Pass 2: the turns (TURN_SCHEMA, docs/turns.md) of the comments that have no reason.
+_TURNS_SQL = """
+WITH
   siblings AS (
     SELECT id,
            row_number() OVER (PARTITION BY parent_id ORDER BY score DESC NULLS LAST, created_utc, id)
@@ -81,21 +99,20 @@ WITH RECURSIVE
     FROM comments
   ),
   kids AS (
-    SELECT parent_comment AS id, count(*) AS n_children,
-           list(e.id ORDER BY c.created_utc, e.id) AS child_ids
-    FROM edges e JOIN comments c USING (id)
-    WHERE parent_comment IS NOT NULL GROUP BY parent_comment
+    SELECT substr(parent_id, 4) AS id, count(*) AS n_children, list(id ORDER BY created_utc, id) AS child_ids
+    FROM comments WHERE starts_with(parent_id, 't1_') GROUP BY ALL
   ),
   classified AS (
-    SELECT c.*, t.ancestor_ids, {_REASON_SQL} AS reason,
+    SELECT c.*, k.ancestor_ids,
            p.title AS post_title, p.selftext AS post_selftext_raw, p.author AS post_author,
            p.score AS post_score, p.created_utc AS post_created_utc, p.over_18,
            pc.body AS parent_body, pc.created_utc AS parent_created_utc,
            p.id IS NOT NULL AS has_post
-    FROM comments c
-    LEFT JOIN tree t ON t.id = c.id
+    FROM turn_classes k
+    JOIN comments c ON c.id = k.id
     LEFT JOIN posts p ON p.id = substr(c.link_id, 4)
     LEFT JOIN comments pc ON starts_with(c.parent_id, 't1_') AND pc.id = substr(c.parent_id, 4)
+    WHERE k.reason IS NULL
   )
 SELECT
   k.id AS comment_id,
@@ -111,15 +128,15 @@ SELECT
        ELSE k.post_selftext_raw END AS post_selftext,
   k.parent_body,
   k.ancestor_ids,
-  CAST(len(k.ancestor_ids) + 1 AS INTEGER) AS depth,
+  len(k.ancestor_ids) + 1 AS depth,
   k.score,
   k.created_utc,
   k.created_utc - k.post_created_utc AS delay_post_s,
   k.created_utc - CASE WHEN starts_with(k.parent_id, 't3_') THEN k.post_created_utc
                        ELSE k.parent_created_utc END AS delay_parent_s,
-  CAST(s.sibling_rank AS INTEGER) AS sibling_rank,
-  CAST(s.n_siblings AS INTEGER) AS n_siblings,
-  CAST(coalesce(kids.n_children, 0) AS INTEGER) AS n_children,
+  s.sibling_rank,
+  s.n_siblings,
+  coalesce(kids.n_children, 0) AS n_children,
   coalesce(kids.child_ids, []::VARCHAR[]) AS child_ids,
   k.post_score,
   k.post_created_utc,
@@ -127,26 +144,7 @@ SELECT
 FROM classified k
 JOIN siblings s ON s.id = k.id
 LEFT JOIN kids ON kids.id = k.id
-WHERE k.reason IS NULL
 ORDER BY post_id, depth, sibling_rank
-"""
-
-_REASONS_SQL = f"""
-WITH RECURSIVE
-  edges AS (
-    SELECT id, CASE WHEN starts_with(parent_id, 't1_') THEN substr(parent_id, 4) END AS parent_comment
-    FROM comments
-  ),
-  tree(id) AS (
-    SELECT c.id FROM comments c WHERE starts_with(c.parent_id, 't3_')
-    UNION ALL
-    SELECT e.id FROM edges e JOIN tree ON e.parent_comment = tree.id
-  )
-SELECT {_REASON_SQL} AS reason, count(*)
-FROM comments c
-LEFT JOIN tree t ON t.id = c.id
-LEFT JOIN posts p ON p.id = substr(c.link_id, 4)
-GROUP BY ALL
 """
 
 
@@ -156,38 +154,30 @@ def _params(config: TurnConfig) -> dict:
 
 
 def build_turns(store_dir: str | Path, config: TurnConfig | None = None) -> TurnReport:
-    """(Re)build the `turns` table of a store; returns the accounting of every comment."""
-    config = config or TurnConfig()
-    started = time.perf_counter()
+    """(Re)build the `turns` table of the store at `store_dir`; see `rebuild_turns`."""
     with Store(store_dir, create=False) as store:
-        con = store.con
-        with transaction(con):
-            con.execute("DROP TABLE IF EXISTS turns_new")
-            con.execute(_TURNS_SQL, _params(config))
-            con.execute("DROP TABLE IF EXISTS turns")
-            con.execute("ALTER TABLE turns_new RENAME TO turns")
-        reasons = dict(con.execute(_REASONS_SQL, _params(config)).fetchall())
-        report = TurnReport(
-            comments=store.count("comments"),
-            turns=reasons.pop(None, 0),
-            filtered=dict(sorted(reasons.items())),
-            max_depth=con.execute("SELECT coalesce(max(depth), 0) FROM turns").fetchone()[0],
-        )
+        return rebuild_turns(store, config)
+
+
+def rebuild_turns(store: Store, config: TurnConfig | None = None) -> TurnReport:
+    """(Re)build the `turns` table of an open store; returns the accounting of every comment.
+
+    `config=None` reads configs/mining.yaml (`turns:`). The new table replaces the old one in one
+    transaction with the config it was built with and the comments version it reflects
+    (`ahf stats` compares that with the store's, to say when turns are stale).
+    """
+    config = config or load_config(MiningConfig, "mining").turns
+    started = time.perf_counter()
+    source_version = store.meta(COMMENTS_VERSION)
+    store.execute(_CLASSIFY_SQL, _params(config))
+    try:
+        store.replace_tables({"turns": _TURNS_SQL}, meta={
+            "turns_config": config.model_dump(mode="json"), "turns_comments_version": source_version})
+        reasons = dict(store.rows("SELECT reason, count(*) FROM turn_classes GROUP BY reason"))
+    finally:
+        store.execute("DROP TABLE IF EXISTS turn_classes")
+    report = TurnReport(comments=store.count("comments"), turns=reasons.pop(None, 0),
+                        filtered=dict(sorted(reasons.items())),
+                        max_depth=store.value("SELECT coalesce(max(depth), 0) FROM turns"))
     report.seconds = time.perf_counter() - started
     return report
-
-
-def turn_contexts(con, comment_ids: list[str]) -> dict[str, list[str]]:
-    """The dialog context of each turn, oldest first: post title (+ selftext), then ancestor bodies."""
-    rows = con.execute(
-        "SELECT comment_id, post_title, post_selftext, ancestor_ids FROM turns "
-        "WHERE comment_id IN (SELECT unnest($ids))", {"ids": comment_ids}
-    ).fetchall()
-    wanted = sorted({a for row in rows for a in row[3]})
-    bodies = dict(con.execute("SELECT id, body FROM comments WHERE id IN (SELECT unnest($ids))",
-                              {"ids": wanted}).fetchall())
-    contexts = {}
-    for comment_id, title, selftext, ancestors in rows:
-        post = "\n\n".join(part for part in (title, selftext) if part)
-        contexts[comment_id] = [post] * bool(post) + [bodies[a] for a in ancestors]
-    return contexts

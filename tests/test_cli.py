@@ -36,9 +36,12 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert {"prompt", "chosen", "rejected", "margin"} <= set(pairs["train"].column_names)
     acts = result["steps"]["query acts"]["acts"]
     assert sum(acts.values()) == turns["turns"] and acts.get("story", 0) > 0
-    trained = result["steps"]["evaluate reward model"]
-    assert trained["pairs"] == exported["rows"]["test"] and 0.0 <= trained["accuracy"] <= 1.0
-    assert (tmp_path / "models" / "rm" / "ahf_model.json").exists()
+    trained = result["steps"]["train reward model"]  # on the export directory: evaluated on its validation split
+    assert trained["held_out"] == "validation split" and trained["eval"]["pairs"] == exported["rows"]["validation"] > 0
+    tested = result["steps"]["evaluate reward model"]
+    assert tested["pairs"] == exported["rows"]["test"] and 0.0 <= tested["accuracy"] <= 1.0
+    card = json.loads((tmp_path / "models" / "rm" / "ahf_model.json").read_text())
+    assert card["data"]["export"]["report"]["rows"] == exported["rows"]  # lineage: the export's manifest
     # the synthetic corpus is deterministic: a second run gives the same store figures
     assert main(["demo", "--out", str(tmp_path), "--posts", "40", "--train-steps", "0", "--json"]) == 0
     again = _json(capsys)["steps"]["stats"]
@@ -62,7 +65,8 @@ def test_demo_on_a_real_dump(shared_data, tmp_path, capsys):
     rows = steps["export pairs"]["rows"]
     assert rows["train"] > 0 and rows["validation"] == rows["test"] == 0
     trained = steps["train reward model"]
-    assert trained["pairs"] == rows and trained["held_out"] == "20% of the training prompts"
+    assert trained["pairs"] == rows
+    assert trained["held_out"] == "20% of the training prompts (the export's validation split is empty)"
     assert trained["eval"]["pairs"] > 0 and (tmp_path / "models" / "rm" / "ahf_model.json").exists()
     assert steps["evaluate reward model"]["skipped"] == "the test split of the pairs export is empty"
     assert "test split of the pairs export is empty" in _reward_model_summary(steps)[0]

@@ -135,7 +135,7 @@ def test_force_replaces_atomically_and_never_deletes_foreign_dirs(funny, tmp_pat
 
 
 def test_act_filter(funny, tmp_path):
-    with pytest.raises(UserError, match="no acts table"):
+    with pytest.raises(UserError, match="has no `acts` table"):
         export_dataset(funny, "sft", tmp_path / "x", act="story")
     store = tmp_path / "store"
     shutil.copytree(funny, store)

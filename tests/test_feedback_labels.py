@@ -201,14 +201,14 @@ def test_a_failed_run_leaves_the_previous_labels(store, monkeypatch):
     assert after["c"]["adjusted"] == pytest.approx(-after["c"]["z_rank"])
     assert not {"labels_new", "pairs_new", "sentiment_new", "labels_final"} & _tables(store)
     with Store(store, read_only=True) as s:
-        assert labels_mod.labels_config_of(s.con)["votes"]["w_time"] == 0
+        assert s.meta("labels_config")["votes"]["w_time"] == 0
 
 
 def test_store_without_turns_is_a_clear_error(tmp_path):
     from ahf.console import UserError
 
     Store(tmp_path / "empty").close()
-    with pytest.raises(UserError, match="no turns table"):
+    with pytest.raises(UserError, match="has no `turns` table"):
         label_store(tmp_path / "empty")
 
 

@@ -54,25 +54,25 @@ def _turns(store_dir):
     from mining.store import Store
 
     with Store(store_dir, read_only=True) as s:
-        return read_turns(s.con)
+        return read_turns(s)
 
 
 # ------------------------------------------------------------------------------------ corpus
 
-def test_context_equals_the_mining_helper(store):
-    from index.corpus import MAX_CONTEXT_CHARS, fetch_turns
+def test_index_reads_the_one_turn_context(store):
+    """The index's context is the store's turn context (tested against a reference in test_turns), its tail."""
+    from index.corpus import CONTEXT_TAIL_CHARS, fetch_turns
     from mining.store import Store
-    from mining.turns import turn_contexts
 
     store_dir, _ = store
     turns = _turns(store_dir)
     ids = turns["comment_id"].to_pylist()
     with Store(store_dir, read_only=True) as s:
-        expected = turn_contexts(s.con, ids)
-        fetched = fetch_turns(s.con, ids[::7])
+        full = dict(zip(ids, s.turn_rows()["context"].to_pylist()))
+        fetched = fetch_turns(s, ids[::7])
     contexts = dict(zip(ids, turns["context"].to_pylist()))
-    assert {cid: "\n\n".join(parts)[-MAX_CONTEXT_CHARS:] for cid, parts in expected.items()} == contexts
-    assert max(len(parts) for parts in expected.values()) >= 4  # real multi-level 2005 threads
+    assert {cid: text[-CONTEXT_TAIL_CHARS:] for cid, text in full.items()} == contexts
+    assert max(text.count("\n\n") for text in full.values()) >= 3  # real multi-level 2005 threads
     assert all(fetched[cid]["context"] == contexts[cid] for cid in ids[::7])
 
 
@@ -150,7 +150,7 @@ def test_failed_bm25_build_leaves_the_previous_index(store, monkeypatch):
     from mining.store import Store
 
     with Store(store_dir, read_only=True) as s, pytest.raises(RuntimeError, match="killed"):
-        bm25.build_bm25(s.con, root, threads=2)
+        bm25.build_bm25(s, root, threads=2)
     assert live_dir(root, "bm25") == before
     assert sorted(p.name for p in root.glob("bm25-*")) == [before.name]
     searcher = bm25.BM25Searcher(root)

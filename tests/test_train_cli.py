@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
+
+from ahf.args import shared_verb
 from training import cli
 
 
@@ -22,8 +25,12 @@ def test_training_creates_eval_and_exposes_its_subparsers():
     assert args.handler.__name__ == "run_eval_rm" and args.model == "M" and args.json
     args = parser.parse_args(["merge", "rm", "A", "B", "--method", "ties", "--out", "O"])
     assert args.models == ["A", "B"] and args.method == "ties" and args.density == 0.2
-    assert parser.parse_args(["train", "sft", "D", "--out", "O"]).handler.__name__ == "run_train_sft"
-    assert parser.parse_args(["train", "policy", "D", "--out", "O"]).handler.__name__ == "run_train_policy"
+    for verb in ("rm", "sft", "dpo", "rloo"):
+        args = parser.parse_args(["train", verb, "D", "--out", "O"])
+        assert args.handler.__name__ == "run_train" and args.train_command == verb
+    assert parser.parse_args(["train", "rloo", "D", "--out", "O", "--reward-model", "R"]).reward_model == "R"
+    with pytest.raises(SystemExit):  # one verb per algorithm: the old `train policy` is gone
+        parser.parse_args(["train", "policy", "D", "--out", "O"])
 
 
 def test_training_adds_rm_to_an_eval_verb_made_elsewhere():
@@ -34,4 +41,4 @@ def test_training_adds_rm_to_an_eval_verb_made_elsewhere():
     cli.add_commands(subparsers)
     assert parser.parse_args(["eval", "acts"]).handler == "acts"
     assert parser.parse_args(["eval", "rm", "--model", "M", "--pairs", "P"]).handler.__name__ == "run_eval_rm"
-    assert eval_parser._ahf_sub is cli.shared_verb(subparsers, "eval", "")
+    assert eval_parser._ahf_sub is shared_verb(subparsers, "eval", "")

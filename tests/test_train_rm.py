@@ -88,8 +88,14 @@ def test_train_rm_cli_then_eval_rm(tmp_path, pairs_file, tokenizer, capsys):
     assert result["length_filter"]["kept"] == result["train_rows"]  # truncated (counted), none dropped
     assert result["length_filter"]["truncated"]["reply"] > 0
     assert [h["step"] for h in result["history"]] == [2, 4]
-    assert {"loss", "accuracy", "mean_margin"} <= result["history"][0].keys()
+    assert {"loss", "accuracy", "mean_margin", "tokens_per_s", "flops_per_s", "mfu"} <= result["history"][0].keys()
     assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[:2] == result["history"] and metrics[2]["eval"]["eval"] == result["eval"] and len(metrics) == 3
+    assert result["eval_source"] == "20% of the training prompts"
+    card = json.loads((out / "ahf_model.json").read_text())
+    assert card["data"] == {"path": str(pairs_file.resolve()), "eval": "20% of the training prompts"}
+    assert card["train_result"]["eval"] == result["eval"] and card["train_config"]["max_length"] == 64
 
     held_out = D.split_by_prompt(D.load_pairs(pairs_file, detok=True), 0.2, 0)[1]
     assert result["eval"]["length_baseline"] == pytest.approx(length_baseline(held_out))

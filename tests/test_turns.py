@@ -8,7 +8,8 @@ import pytest
 
 from mining.ingest import ingest
 from mining.store import Store
-from mining.turns import TurnConfig, build_turns, turn_contexts
+from mining.schema import CONTEXT_SEPARATOR
+from mining.turns import TurnConfig, build_turns
 
 FUNNY = "reddit-api/TestCommentForest.test_replace__all.json"
 RC_2005 = "pushshift/RC_2005-12.zst"
@@ -59,7 +60,13 @@ def reference_turns(comments: list[tuple], posts: dict, config: TurnConfig) -> t
         kids = sorted(children[f"t1_{cid}"], key=lambda k: (k[6], k[0]))
         parent_created = post["created_utc"] if parent.startswith("t3_") and post else (
             by_id[parent[3:]][6] if parent.startswith("t1_") else None)
+        post_parts = [post["title"], "" if post["selftext"] in ("[deleted]", "[removed]") else post["selftext"]] \
+            if post else []
         turns[cid] = {
+            "context": CONTEXT_SEPARATOR.join(
+                part for part in post_parts + [by_id[a][4] for a in chain] if part),
+            "parent_text": by_id[parent[3:]][4] if parent.startswith("t1_") else CONTEXT_SEPARATOR.join(
+                part for part in post_parts if part),
             "depth": len(chain) + 1,
             "ancestor_ids": chain,
             "sibling_rank": [s[0] for s in siblings].index(cid) + 1,
@@ -79,15 +86,13 @@ def _check_against_reference(store_dir, config=TurnConfig()):
     with Store(store_dir, read_only=True) as store:
         comments = store.con.execute(
             "SELECT id, link_id, parent_id, author, body, score, created_utc FROM comments").fetchall()
-        posts = {r[0]: {"author": r[1], "created_utc": r[2], "over_18": r[3]} for r in store.con.execute(
-            "SELECT id, author, created_utc, over_18 FROM posts").fetchall()}
-        got = store.con.execute(
-            "SELECT comment_id, depth, ancestor_ids, sibling_rank, n_siblings, n_children, child_ids, is_op, "
-            "delay_post_s, delay_parent_s, reply FROM turns").fetchall()
+        posts = {r[0]: dict(zip(("author", "created_utc", "over_18", "title", "selftext"), r[1:])) for r in store.rows(
+            "SELECT id, author, created_utc, over_18, title, selftext FROM posts")}
+        keys = ["context", "parent_text", "depth", "ancestor_ids", "sibling_rank", "n_siblings", "n_children",
+                "child_ids", "is_op", "delay_post_s", "delay_parent_s", "reply"]
+        got = store.turn_rows().select(["comment_id", *keys]).to_pylist()
     expected, filtered = reference_turns(comments, posts, config)
-    keys = ["depth", "ancestor_ids", "sibling_rank", "n_siblings", "n_children", "child_ids", "is_op",
-            "delay_post_s", "delay_parent_s", "reply"]
-    got_turns = {row[0]: dict(zip(keys, row[1:])) for row in got}
+    got_turns = {row.pop("comment_id"): row for row in got}
     assert got_turns == expected
     assert report.filtered == filtered
     assert report.comments == report.turns + sum(report.filtered.values())
@@ -127,9 +132,8 @@ def test_funny_thread_by_hand(shared_data, tmp_path):
         assert row[1:3] == (3, ["cu5p1hh", "cu5t0tk"])
         assert row[3].startswith("came here to say that")
         assert row[4:] == (18038, 425)
-        context = turn_contexts(store.con, ["cu5t6gf"])["cu5t6gf"]
-        assert context[0] == "Ba Dum Tsss" and context[1] == "That kid is going places. "
-        assert len(context) == 3
+        context = store.turn_rows("WHERE comment_id = 'cu5t6gf'")["context"][0].as_py()
+        assert context == CONTEXT_SEPARATOR.join(["Ba Dum Tsss", "That kid is going places. ", row[3]])
 
 
 def test_filters_are_configurable_and_counted(shared_data, tmp_path):

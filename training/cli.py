@@ -1,8 +1,5 @@
-"""Verbs of the training stage: `train sft|rm|policy`, `merge rm`, `eval rm`.
-
-`eval` is shared with other stages (index adds `eval acts`): whichever package registers first creates
-the `eval` parser and stores its sub-command action as `parser._ahf_sub`; the others add to it.
-"""
+"""Verbs of the training stage: `train rm|sft|dpo|rloo`, `merge rm`, `eval rm` (`eval` is shared with the
+index stage's `eval acts`, see ahf.args.shared_verb)."""
 
 from __future__ import annotations
 
@@ -11,22 +8,8 @@ import contextlib
 import functools
 import sys
 
+from ahf.args import add_config, add_json, shared_verb
 from ahf.console import emit, progress_bar
-
-
-def shared_verb(subparsers, name: str, help_text: str):
-    """The sub-command action of verb `name`, creating the verb if no package has yet."""
-    if name in subparsers.choices:
-        parser = subparsers.choices[name]
-        sub = getattr(parser, "_ahf_sub", None)
-        if sub is None:  # created without the convention: find its sub-parsers action
-            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-            parser._ahf_sub = sub
-        return sub
-    parser = subparsers.add_parser(name, help=help_text)
-    sub = parser.add_subparsers(dest=f"{name}_command", metavar="WHAT", required=True)
-    parser._ahf_sub = sub
-    return sub
 
 
 def quiet_stdout(handler):
@@ -49,39 +32,55 @@ def _emit(result, args, human, stdout=None) -> None:
         emit(result, args.json, human)
 
 
+def _train_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output directory (safetensors, ahf_model.json, metrics.jsonl)")
+    _common(p)
+    p.set_defaults(handler=run_train)
+
+
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     if config:
-        p.add_argument("--config", help="config YAML (default configs/train/<verb>.yaml)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
-    p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+        add_config(p, f"train/{p.prog.split()[-1]}")
+    add_json(p)
+
+
+# verb: (module, config class, train function); the module is imported when the verb runs
+TRAIN_VERBS = {
+    "rm": ("training.rm", "RMConfig", "train_reward_model"),
+    "sft": ("training.sft", "SFTConfig", "train_sft"),
+    "dpo": ("training.dpo", "DPOConfig", "train_dpo"),
+    "rloo": ("training.rloo", "RLOOConfig", "train_rloo"),
+}
+EXPORT_NOTE = (" or an `ahf export --format {fmt}` directory (trains on its train split, evaluates on its "
+               "validation split)")
 
 
 def add_commands(subparsers) -> None:
-    train = shared_verb(subparsers, "train", "train models on DeepSpeed (sft, rm, policy)")
+    train = shared_verb(subparsers, "train", "train models on DeepSpeed (rm, sft, dpo, rloo)")
 
     p = train.add_parser("rm", help="pairwise Bradley-Terry (or tier-conditioned) reward model")
     p.add_argument("data", nargs="?", help="pairs (prompt, chosen, rejected[, margin]) or, with objective=tier, "
-                                           "pointwise rows (prompt, completion, tier): "
-                                           "JSONL / Parquet / CSV / datasets dir")
+                                           "pointwise rows (prompt, completion, tier): JSONL / Parquet / CSV / "
+                                           "datasets dir" + EXPORT_NOTE.format(fmt="pairs|pointwise"))
     p.add_argument("--task", action="append", metavar="NAME=PAIRS",
-                   help="joint multi-task training instead of PAIRS: one pairs file per task (two or more; "
-                        "conditioning: multitask=task_token|task_head)")
-    p.add_argument("--out", required=True, help="output directory (safetensors + model card)")
-    _common(p)
-    p.set_defaults(handler=run_train_rm)
+                   help="joint multi-task training instead of PAIRS: one pairs file or export per task (two or "
+                        "more; conditioning: multitask=task_token|task_head)")
+    _train_common(p)
 
     p = train.add_parser("sft", help="behaviour cloning: prompt-masked loss, length-aware, sample callback")
-    p.add_argument("data", help="rows with prompt, completion (or Fan et al.'s prompt, story CSV)")
-    p.add_argument("--out", required=True, help="output directory")
-    _common(p)
-    p.set_defaults(handler=run_train_sft)
+    p.add_argument("data", help="rows with prompt, completion (or Fan et al.'s prompt, story CSV)"
+                                + EXPORT_NOTE.format(fmt="sft"))
+    _train_common(p)
 
-    p = train.add_parser("policy", help="DPO from pairs, or RLOO against a reward model with a KL penalty")
-    p.add_argument("data", help="pairs (dpo) or prompts (rloo: any file with a prompt column)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--reward-model", help="reward model directory (rloo)")
-    _common(p)
-    p.set_defaults(handler=run_train_policy)
+    p = train.add_parser("dpo", help="direct preference optimisation of a causal LM from pairs")
+    p.add_argument("data", help="pairs (prompt, chosen, rejected)" + EXPORT_NOTE.format(fmt="pairs"))
+    p.add_argument("--reward-model", help="reward model directory to score the before/after samples (optional)")
+    _train_common(p)
+
+    p = train.add_parser("rloo", help="REINFORCE leave-one-out against a reward model, KL-penalised")
+    p.add_argument("data", help="any rows with a prompt column, or an `ahf export` directory (its prompts)")
+    p.add_argument("--reward-model", help="reward model directory whose score is maximised (required)")
+    _train_common(p)
 
     merge = shared_verb(subparsers, "merge", "merge models")
     p = merge.add_parser("rm", help="merge reward models trained from the same base (and the same tasks)")
@@ -109,27 +108,19 @@ def add_commands(subparsers) -> None:
 # ----------------------------------------------------------------------------- handlers
 
 def _log_line(entry: dict) -> str:
-    return (f"step {entry['step']}: loss {entry['loss']:.4f}  acc {entry['accuracy']:.3f}  "
-            f"margin {entry['mean_margin']:+.3f}")
+    """`step 4: loss 0.6931  accuracy 0.500  ...  1,234 tokens/s  mfu 12.3%` from one metrics.jsonl entry."""
+    speed = {"micro_step", "lr", "tokens_per_s", "flops_per_s", "mfu", "step"}
+    stats = "  ".join(f"{k} {v:.4g}" for k, v in entry.items() if k not in speed and isinstance(v, float))
+    mfu = f"  mfu {entry['mfu']:.1%}" if entry.get("mfu") is not None else ""
+    return f"step {entry['step']}: {stats}  {entry['tokens_per_s']:,.0f} tokens/s{mfu}"
 
 
-@quiet_stdout
-def run_train_rm(args, stdout=None) -> int:
-    from ahf.config import load_config
-    from ahf.console import UserError, stderr
-    from training.multitask import parse_task_specs
-    from training.rm import RMConfig, train_reward_model
-
-    if (args.data is None) == (not args.task):
-        raise UserError("train rm takes either one PAIRS file or --task NAME=PAIRS for each task (two or more), "
-                        "not " + ("both" if args.task else "neither"))
-    data = parse_task_specs(args.task) if args.task else args.data
-    config = load_config(RMConfig, "train/rm", args.config, args.set)
-    log = None if args.json else (lambda e: stderr.print(_log_line(e), highlight=False))
-    with progress_bar("train rm", enabled=not args.json) as advance:
-        result = train_reward_model(config, data, args.out, progress=advance, log=log)
-    lines = [f"reward model -> {result['out_dir']} ({result['steps']} steps, {result['train_used']:,} "
-             f"training rows, length filter {result['length_filter']})"]
+def _summary(verb: str, result: dict) -> str:
+    rows = result.get("train_used", result["train_rows"])
+    lines = [f"{verb} -> {result['out_dir']} ({result['steps']} steps, {rows:,} training rows; "
+             f"held out: {result.get('eval_source', 'per task')})"]
+    if "length_filter" in result:
+        lines.append(f"length filter {result['length_filter']}")
     for task, ev in result.get("eval_by_task", {}).items():
         lines.append(f"held-out {task} ({result['by_task'][task]['eval_prompts']} prompts, {ev['pairs']} pairs): "
                      f"accuracy {ev['accuracy']:.3f}  length baseline {ev['length_baseline']:.3f}")
@@ -137,8 +128,40 @@ def run_train_rm(args, stdout=None) -> int:
         ev = result["eval"]
         lines.append(f"held-out ({result['eval_prompts']} prompts, {ev['pairs']} pairs): accuracy {ev['accuracy']:.3f}"
                      f"  length baseline {ev['length_baseline']:.3f}")
-    _emit(result, args, stdout=stdout, human="\n".join(lines))
+    lines += [f"{key}: {result[key]}" for key in ("eval_loss", "eval_implicit_reward_accuracy", "before", "after")
+              if key in result]
+    return "\n".join(lines)
+
+
+@quiet_stdout
+def run_train(args, stdout=None) -> int:
+    import importlib
+
+    from ahf.config import load_config
+    from ahf.console import stderr
+
+    verb = args.train_command
+    module_name, config_class, train_function = TRAIN_VERBS[verb]
+    module = importlib.import_module(module_name)
+    data = _rm_data(args) if verb == "rm" else args.data
+    config = load_config(getattr(module, config_class), f"train/{verb}", args.config, args.set)
+    extra = {"reward_model": args.reward_model} if verb in {"dpo", "rloo"} else {}
+    log = None if args.json else (lambda e: stderr.print(_log_line(e), highlight=False))
+    with progress_bar(f"train {verb}", enabled=not args.json) as advance:
+        result = getattr(module, train_function)(config, data, args.out, progress=advance, log=log, **extra)
+    _emit(result, args, stdout=stdout, human=_summary(verb, result))
     return 0
+
+
+def _rm_data(args):
+    """One DATA, or {task: DATA} from `--task NAME=DATA` (two or more): exactly one of the two."""
+    from ahf.console import UserError
+    from training.multitask import parse_task_specs
+
+    if (args.data is None) == (not args.task):
+        raise UserError("train rm takes either one PAIRS file or --task NAME=PAIRS for each task (two or more), "
+                        "not " + ("both" if args.task else "neither"))
+    return parse_task_specs(args.task) if args.task else args.data
 
 
 @quiet_stdout
@@ -153,34 +176,6 @@ def run_eval_rm(args, stdout=None) -> int:
         lines.append(f"  {result['by_bucket']['by']} {bucket['range'][0]:.3g}..{bucket['range'][1]:.3g}: "
                      f"n={bucket['n']} accuracy {bucket['accuracy']:.3f}  length {bucket['length_baseline']:.3f}")
     _emit(result, args, stdout=stdout, human="\n".join(lines))
-    return 0
-
-
-@quiet_stdout
-def run_train_sft(args, stdout=None) -> int:
-    from ahf.config import load_config
-    from ahf.console import stderr
-    from training.sft import SFTConfig, train_sft
-
-    config = load_config(SFTConfig, "train/sft", args.config, args.set)
-    log = None if args.json else (lambda e: stderr.print(f"step {e['step']}: loss {e['loss']:.4f}", highlight=False))
-    with progress_bar("train sft", enabled=not args.json) as advance:
-        result = train_sft(config, args.data, args.out, progress=advance, log=log)
-    _emit(result, args, stdout=stdout, human=f"model -> {result['out_dir']} ({result['steps']} steps; length filter "
-                            f"{result['length_filter']}; eval loss {result.get('eval_loss')})")
-    return 0
-
-
-@quiet_stdout
-def run_train_policy(args, stdout=None) -> int:
-    from ahf.config import load_config
-    from training.policy import PolicyConfig, train_policy
-
-    config = load_config(PolicyConfig, "train/policy", args.config, args.set)
-    with progress_bar("train policy", enabled=not args.json) as advance:
-        result = train_policy(config, args.data, args.out, reward_model=args.reward_model, progress=advance)
-    _emit(result, args, stdout=stdout, human=f"policy -> {result['out_dir']} ({result['algorithm']}, {result['steps']} steps)\n"
-                            f"before: {result.get('before')}\nafter:  {result.get('after')}")
     return 0
 
 

@@ -5,6 +5,10 @@
 - sft (behaviour cloning): `prompt, completion`.
 - pointwise (tier-conditioned reward model): `prompt, completion` and `tier` (good/ok/bad) or
   `label` (bool), optionally `reward`.
+- prompts (RLOO): any rows with a `prompt` column.
+
+A trainer's DATA is such a file or an `ahf export` directory (`read_source`): then it trains on the
+export's `train` split, evaluates on its `validation` split, and records the export's manifest.
 
 Every malformed row raises a `UserError` naming file, line and field; nothing is dropped silently.
 Length filtering returns what it kept *and* the counts of what it dropped or truncated.
@@ -15,13 +19,13 @@ from __future__ import annotations
 import csv
 import json
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ahf.console import UserError
+from ahf.text import detokenize
 
 TIERS = ("bad", "ok", "good")  # index = class id; higher is better
 
@@ -48,6 +52,11 @@ class PointExample:
     completion: str
     tier: int  # index into TIERS
     reward: float | None = None
+
+
+@dataclass
+class Prompt:
+    prompt: str
 
 
 # ----------------------------------------------------------------------------- reading rows
@@ -124,23 +133,6 @@ def _optional_float(row: dict, name: str, where: str) -> float | None:
         raise UserError(f"{where}: field {name!r} must be a number, got {value!r}") from exc
 
 
-# ----------------------------------------------------------------------------- WritingPrompts text
-
-_SPACE_BEFORE = re.compile(r" ([.,!?;:%)\]}]|n't|'s|'re|'ve|'m|'ll|'d)")
-
-
-def detokenize(text: str) -> str:
-    """Undo the WritingPrompts tokenisation (`[ WP ]`, `<newline>`, `<\\newline>`, ` ,`, ```` `` ````)."""
-    text = text.replace("<\\newline>", "\n").replace("<newline>", "\n")
-    text = re.sub(r"\[ (\w\w) \]", r"[\1]", text)
-    text = text.replace("`` ", '"').replace(" ''", '"').replace("``", '"').replace("''", '"')
-    text = _SPACE_BEFORE.sub(r"\1", text)
-    text = re.sub(r"([(\[{]) ", r"\1", text)
-    text = re.sub(r"[ \t]*\n[ \t]*", "\n", text)
-    text = re.sub(r"\n{3,}", "\n\n", text)
-    return text.strip()
-
-
 def _maybe_detok(text: str, enabled: bool) -> str:
     return detokenize(text) if enabled else text
 
@@ -205,6 +197,15 @@ def load_pointwise(path: str | Path, detok: bool = False) -> list[PointExample]:
     return examples
 
 
+def load_prompts(path: str | Path, detok: bool = False) -> list[Prompt]:
+    """The distinct `prompt` values of any rows file, sorted (RLOO's input; other columns are ignored)."""
+    prompts = {_maybe_detok(_text(row, "prompt", where), detok) for where, row in read_rows(path)
+               if row.get("prompt") is not None}
+    if not prompts:
+        raise UserError(f"{path}: no prompts")
+    return [Prompt(p) for p in sorted(prompts)]
+
+
 def explanation_task(path: str | Path, eval_fraction: float = 0.2, seed: int = 0,
                      per_invalid: int = 2) -> tuple[list[Pair], list[Pair], dict[str, int]]:
     """Pairs from the lfqa validity annotations (answers judged valid / invalid), split by question.
@@ -257,6 +258,61 @@ def write_pairs(pairs: list[Pair], path: str | Path) -> Path:
                         if getattr(pair, k) is not None})
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
+
+
+# ----------------------------------------------------------------------------- sources and lineage
+
+@dataclass
+class Source:
+    """The rows a trainer reads, and where they came from (`data`, recorded in `ahf_model.json`).
+
+    A file: `train` = its rows, `validation` = None. An `ahf export` directory: its `train` and
+    `validation` splits (the latter possibly empty), and `data["export"]` = the export's manifest
+    (`report`, `provenance`: store, tables, dates; `labels_config`, `export_config`).
+    """
+    train: list
+    validation: list | None
+    data: dict
+
+
+def is_export(path: str | Path) -> bool:
+    from feedback.export import MANIFEST
+
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+def read_source(path: str | Path, load: Callable, detok: bool, formats: tuple[str, ...] | None = None) -> Source:
+    """Rows of a file, or the train and validation splits of an export directory in one of `formats`."""
+    from feedback.export import MANIFEST
+
+    path = Path(path)
+    if not is_export(path):
+        return Source(load(path, detok=detok), None, {"path": str(path.resolve())})
+    manifest = json.loads((path / MANIFEST).read_text())
+    report = manifest.get("report") or {}
+    if formats and report.get("format") not in formats:
+        raise UserError(f"{path}: a {report.get('format')!r} export; this trainer reads "
+                        f"{' or '.join(formats)} exports (`ahf export --format {formats[0]}`)")
+    rows = report.get("rows") or {}
+    if not rows.get("train"):
+        raise UserError(f"{path}: the export's train split is empty ({rows})")
+    validation = load(path / "validation.jsonl", detok=detok) if rows.get("validation") else []
+    export = {key: manifest.get(key) for key in ("report", "provenance", "labels_config", "export_config")}
+    return Source(load(path / "train.jsonl", detok=detok), validation,
+                  {"path": str(path.resolve()), "export": export, "train_split": "train"})
+
+
+def held_out(source: Source, eval_path: str | Path | None, load: Callable, detok: bool, eval_fraction: float,
+             seed: int) -> tuple[list, list, str]:
+    """(train rows, held-out rows, where the held-out rows come from). In order: the file `eval_path`,
+    the export's validation split, else `eval_fraction` of the training prompts (`split_by_prompt`)."""
+    if eval_path:
+        return source.train, load(eval_path, detok=detok), f"eval file {eval_path}"
+    if source.validation:
+        return source.train, source.validation, "validation split"
+    train, held = split_by_prompt(source.train, eval_fraction, seed)
+    why = " (the export's validation split is empty)" if source.validation is not None else ""
+    return train, held, f"{eval_fraction:.0%} of the training prompts{why}"
 
 
 # ----------------------------------------------------------------------------- split and filter

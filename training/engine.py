@@ -21,9 +21,8 @@ from typing import Any
 
 import torch
 
+from ahf.config import find_config, shipped
 from ahf.console import UserError
-
-DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
 
 
 def free_port() -> int:
@@ -75,12 +74,10 @@ def bf16_available() -> bool:
 def load_deepspeed_config(name_or_path: str, *, micro_batch_size: int, grad_accum: int, lr: float,
                           weight_decay: float = 0.0, warmup_steps: int = 0, total_steps: int = 1,
                           bf16: bool | str = "auto") -> dict[str, Any]:
-    """Read a DeepSpeed JSON (by name from configs/deepspeed/, or a path) and fill its "auto" fields."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = DEEPSPEED_CONFIGS / f"{name_or_path}.json"
-    if not path.exists():
-        known = sorted(p.stem for p in DEEPSPEED_CONFIGS.glob("*.json"))
+    """Read a DeepSpeed JSON (a name in configs/deepspeed/, or a path) and fill its "auto" fields."""
+    path = Path(name_or_path) if Path(name_or_path).suffix else find_config(f"deepspeed/{name_or_path}.json")
+    if path is None or not path.is_file():
+        known = sorted(p.name.removesuffix(".json") for p in shipped("deepspeed").iterdir() if p.name.endswith(".json"))
         raise UserError(f"DeepSpeed config not found: {name_or_path} (known: {', '.join(known)})")
     try:
         config = json.loads(path.read_text())
@@ -155,10 +152,10 @@ def start_engine(model: torch.nn.Module, config: Any, batches_per_epoch: int) ->
     weight_decay, warmup_ratio, deepspeed, bf16.
     """
     if config.max_steps:
-        total_micro = config.max_steps * config.grad_accum
+        total_steps = config.max_steps
     else:
-        total_micro = math.ceil(batches_per_epoch * config.epochs)
-    total_steps = max(1, total_micro // config.grad_accum)
+        total_steps = max(1, math.ceil(batches_per_epoch * config.epochs) // config.grad_accum)
+    total_micro = total_steps * config.grad_accum  # every micro-step ends in an optimizer step
     ds_config = load_deepspeed_config(config.deepspeed, micro_batch_size=config.micro_batch_size,
                                       grad_accum=config.grad_accum, lr=config.lr, weight_decay=config.weight_decay,
                                       warmup_steps=int(config.warmup_ratio * total_steps), total_steps=total_steps,

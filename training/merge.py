@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from ahf.console import UserError
-from training.models import WEIGHTS, RewardModel, load_state, load_tokenizer, read_card
+from training.models import MODEL_CARD, WEIGHTS, RewardModel, load_state, load_tokenizer, read_card
 
 
 def _base_backbone_state(base: str) -> dict[str, torch.Tensor]:
     path = Path(base)
-    if (path / "ahf_model.json").exists():  # another ahf reward model used as the base
+    if (path / MODEL_CARD).exists():  # another ahf reward model used as the base
         return {k: v for k, v in load_state(path / WEIGHTS).items() if k.startswith("backbone.")}
     from transformers import AutoModel
 

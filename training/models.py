@@ -7,8 +7,9 @@ with the expected tier. A joint multi-task model (training.multitask) records it
 conditioned: `task_token` (a marker in the prompt, one scalar head) or `task_head` (one head output per
 task; `forward(task_ids=...)` reads each row's own column).
 
-On disk (`DIR/`): `model.safetensors` (backbone + head), `ahf_model.json` (backbone config, head,
-pooling, provenance), and the tokenizer files.
+On disk (`DIR/`): `model.safetensors` (backbone + head), `ahf_model.json` (`MODEL_CARD`: backbone config,
+head, pooling, the training config, the data it was trained on, the training result), and the tokenizer
+files. Causal LMs (sft, dpo, rloo) are plain Hugging Face directories with the same card beside them.
 """
 
 from __future__ import annotations
@@ -212,14 +213,35 @@ class RewardModel(nn.Module):
         return model
 
 
-def read_card(directory: Path, kind: str) -> dict:
+def read_card(directory: str | Path, kind: str | None = None) -> dict:
+    """The model card of an ahf model directory; with `kind`, refuse a card of another kind."""
     path = Path(directory) / MODEL_CARD
     if not path.exists():
         raise UserError(f"{directory}: not an ahf model directory (no {MODEL_CARD})")
     card = json.loads(path.read_text())
-    if card.get("kind") != kind:
+    if kind is not None and card.get("kind") != kind:
         raise UserError(f"{directory}: is a {card.get('kind')!r}, expected a {kind!r}")
     return card
+
+
+def update_card(directory: str | Path, fields: dict) -> None:
+    """Add (or replace) top-level fields of a directory's model card."""
+    path = Path(directory) / MODEL_CARD
+    path.write_text(json.dumps(json.loads(path.read_text()) | fields, indent=2, default=str))
+
+
+def save_causal_lm(directory: Path, state: dict, model_config, tokenizer, card: dict | None = None) -> Path:
+    """A Hugging Face directory (config.json + model.safetensors + tokenizer), loadable by from_pretrained;
+    with `card`, also an `ahf_model.json` of kind causal_lm."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if getattr(model_config, "tie_word_embeddings", False):
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    save_state(state, directory / WEIGHTS)
+    model_config.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    if card:
+        (directory / MODEL_CARD).write_text(json.dumps({"kind": "causal_lm", **card}, indent=2, default=str))
+    return directory
 
 
 def save_state(state: dict[str, torch.Tensor], path: Path) -> None:

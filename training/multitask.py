@@ -30,7 +30,6 @@ from training import data as D
 
 TASK_MARKER = "[task: {task}]\n"
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-FORMS = ("task_token", "task_head")
 
 
 def parse_task_specs(specs: list[str]) -> dict[str, str]:
@@ -65,23 +64,24 @@ def with_task_marker(pairs: list[D.Pair], task: str, template: str = TASK_MARKER
 
 
 def load_task_pairs(tasks: dict[str, str | Path], eval_pairs: dict[str, str] | None, eval_fraction: float,
-                    seed: int, detok: bool) -> tuple[dict[str, list[D.Pair]], dict[str, list[D.Pair]]]:
-    """Per task: (train pairs, held-out pairs). Held-out = `eval_pairs[task]` when given, else a split by
-    prompt within the task (each task's own seeded split, exactly as single-task training does it)."""
+                    seed: int, detok: bool) -> tuple[dict[str, list[D.Pair]], dict[str, list[D.Pair]], dict[str, dict]]:
+    """Per task: train pairs, held-out pairs and the data record (lineage). Each task's file may be a pairs
+    file or a pairs export; held-out = `eval_pairs[task]` when given, else the export's validation split,
+    else a split by prompt within the task (each task's own seeded split, as single-task training makes)."""
     if eval_pairs is not None:
         unknown = sorted(set(eval_pairs) - set(tasks))
         if unknown:
             raise UserError(f"eval_pairs names tasks {unknown} that are not trained (tasks: {', '.join(tasks)})")
-    train, held = {}, {}
+    train, held, data = {}, {}, {}
     for name, path in tasks.items():
-        examples = D.load_pairs(path, detok=detok)
-        if eval_pairs and name in eval_pairs:
-            train[name], held[name] = examples, D.load_pairs(eval_pairs[name], detok=detok)
-        elif eval_pairs:  # a mapping that leaves a task out: that task is not evaluated, said plainly
-            train[name], held[name] = examples, []
+        source = D.read_source(path, D.load_pairs, detok, ("pairs",))
+        if eval_pairs and name not in eval_pairs:  # a mapping that leaves a task out: not evaluated, said plainly
+            train[name], held[name], how = source.train, [], "none (not in eval_pairs)"
         else:
-            train[name], held[name] = D.split_by_prompt(examples, eval_fraction, seed)
-    return train, held
+            train[name], held[name], how = D.held_out(source, (eval_pairs or {}).get(name), D.load_pairs, detok,
+                                                      eval_fraction, seed)
+        data[name] = source.data | {"eval": how}
+    return train, held, data
 
 
 def epoch_order(task_of: list[int], balance: str, rng: random.Random) -> list[int]:

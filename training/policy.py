@@ -1,55 +1,45 @@
-"""Policy optimisation on DeepSpeed: DPO from preference pairs, and RLOO against a reward model with a KL penalty.
+"""What DPO (training.dpo) and RLOO (training.rloo) share: a causal-LM policy on DeepSpeed, its frozen
+reference (a copy of the starting policy), reply log-probabilities, sampling, and the before/after report.
 
-- dpo (Rafailov et al. 2023): loss = -log sigmoid(beta * [(log pi(c) - log ref(c)) - (log pi(r) - log ref(r))]),
-  log-probabilities summed over the reply tokens; the reference is a frozen copy of the starting policy.
-  Input: pairs (prompt, chosen, rejected).
-- rloo (Ahmadian et al. 2024, REINFORCE leave-one-out): per prompt, sample `samples_per_prompt` replies,
-  reward = RM score - kl_coef * (log pi - log ref), advantage = reward - mean of the other samples'
-  rewards, loss = -advantage * log pi(reply). Input: any file with a `prompt` column + `--reward-model`.
-
-Both report, on held-out prompts, the reward model's mean score of sampled replies and their KL to the
-reference (mean of log pi - log ref per reply), before and after training, when a reward model is given;
-DPO also reports held-out implicit-reward accuracy. Output: a Hugging Face directory (safetensors).
+Report, on held-out prompts, before and after training: the KL of sampled replies to the reference
+(mean of log pi - log ref per reply), their mean length and, when a reward model is given, its mean
+score of them. Output: a Hugging Face directory (safetensors) with `ahf_model.json` beside it.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import math
 import random
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from ahf.console import UserError
 from training import data as D
 from training.config import TrainCommon
-from training.engine import full_state_dict, gathered, start_engine
-from training.models import RewardModel, build_backbone, load_tokenizer
-from training.sft import save_causal_lm
-from training.tokens import LengthPolicy, encode_prompt, encode_reply, pad_rows
+from training.engine import full_state_dict, gathered
+from training.loop import Trainer
+from training.models import RewardModel, build_backbone, load_tokenizer, read_card, save_causal_lm
+from training.rm import score_pairs
+from training.tokens import encode_prompt, pad_rows, shuffled_chunks
 
 
-class PolicyConfig(TrainCommon):
-    """`ahf train policy` (configs/train/policy.yaml); `model` is the starting policy, e.g. an SFT output."""
+class PolicyCommon(TrainCommon):
+    """The common fields (training.config) with a policy's defaults, and the sampling / report settings."""
 
-    algorithm: str = Field("dpo", pattern="^(dpo|rloo)$")
-    max_prompt_length: int = 128
-    micro_batch_size: int = 2  # pairs (dpo) or prompts (rloo) per step
-    lr: float = 1e-6
-    warmup_ratio: float = 0.0
-    beta: float = 0.1  # dpo
-    samples_per_prompt: int = 4  # rloo
-    kl_coef: float = 0.05  # rloo
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    eval_prompts: int = 8  # held-out prompts for the before/after report
-    reward_task: str | None = None  # rloo with a multi-task reward model: the task whose reward to optimise
+    model: str = Field("gpt2-xl", description="the starting policy and its frozen reference, e.g. an "
+                                              "`ahf train sft` output directory")
+    micro_batch_size: int = Field(2, description="pairs (dpo) or prompts (rloo) per micro-step")
+    lr: float = Field(1e-6, description="peak learning rate (linear decay to 0)")
+    warmup_ratio: float = Field(0.0, description="share of the optimizer steps spent warming up")
+    max_prompt_length: int = Field(128, description="prompt tokens kept (its tail for sampling; its head and last "
+                                                    "token when a pair is truncated)")
+    max_new_tokens: int = Field(128, description="tokens sampled per reply (rloo training, the before/after report)")
+    temperature: float = Field(1.0, description="sampling temperature (no top-k / top-p: the policy's own "
+                                                "distribution)")
+    eval_prompts: int = Field(8, description="held-out prompts of the before/after report")
+    reward_task: str | None = Field(None, description="with a jointly trained (multi-task) reward model: the task "
+                                                      "whose reward scores the replies")
 
 
 def reply_logprobs(model, prompts: list[list[int]], replies: list[list[int]], pad_id: int, device) -> torch.Tensor:
@@ -65,11 +55,6 @@ def reply_logprobs(model, prompts: list[list[int]], replies: list[list[int]], pa
     return (token_lp * mask).sum(-1)
 
 
-def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float):
-    logits = beta * ((pi_chosen - ref_chosen) - (pi_rejected - ref_rejected))
-    return -F.logsigmoid(logits).mean(), logits
-
-
 class RewardScorer:
     """Scores (prompt, reply) text with a saved reward model and its own tokenizer."""
 
@@ -77,21 +62,17 @@ class RewardScorer:
         self.model = RewardModel.load(directory).to(device).eval()
         self.task = task  # which task of a jointly trained (multi-task) reward model scores
         self.tokenizer = load_tokenizer(directory)
-        card = json.loads((Path(directory) / "ahf_model.json").read_text())
-        self.max_length = card.get("train_config", {}).get("max_length", 512)
-        self.device = device
+        self.max_length = read_card(directory).get("train_config", {}).get("max_length", 512)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], replies: list[str]) -> torch.Tensor:
-        from training.rm import score_pairs
-
         pairs = [D.Pair(p, r, r) for p, r in zip(prompts, replies)]
         chosen, _, _ = score_pairs(self.model, self.tokenizer, pairs, self.max_length, batch_size=16, task=self.task)
         return chosen
 
 
 @torch.no_grad()
-def sample_replies(model, tokenizer, prompt_ids: list[list[int]], config: PolicyConfig, device,
+def sample_replies(model, tokenizer, prompt_ids: list[list[int]], config: PolicyCommon, device,
                    per_prompt: int) -> list[list[int]]:
     replies = []
     for ids in prompt_ids:
@@ -107,7 +88,7 @@ def sample_replies(model, tokenizer, prompt_ids: list[list[int]], config: Policy
 
 
 @torch.no_grad()
-def sample_report(policy, reference, tokenizer, prompts: list[str], config: PolicyConfig, device,
+def sample_report(policy, reference, tokenizer, prompts: list[str], config: PolicyCommon, device,
                   scorer: RewardScorer | None) -> dict:
     """Mean RM score of sampled replies and their KL to the reference (seeded, one sample per prompt)."""
     state = torch.random.get_rng_state()
@@ -129,145 +110,50 @@ def sample_report(policy, reference, tokenizer, prompts: list[str], config: Poli
     return report
 
 
-def train_policy(config: PolicyConfig, data_path: str | Path, out_dir: str | Path, reward_model: str | None = None,
-                 progress: Callable[[int], None] | None = None, log: Callable[[dict], None] | None = None) -> dict:
-    if config.algorithm == "rloo" and not reward_model:
-        raise UserError("algorithm=rloo needs --reward-model DIR")
-    torch.manual_seed(config.seed)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(config.tokenizer or config.model)
-    policy = build_backbone(config.model, config.random_init, causal_lm=True, attn_implementation="sdpa")
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    if config.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+class PolicyTrainer(Trainer):
+    """A causal-LM policy, its frozen reference and the before/after report; subclasses add data and loss."""
 
-    if config.algorithm == "dpo":
-        rows = D.load_pairs(data_path, detok=config.detokenize)
-    else:
-        rows = [D.SFTExample(p, "-") for p in sorted({r.get("prompt") for _, r in D.read_rows(data_path)} - {None})]
-    train_rows, eval_rows = D.split_by_prompt(rows, config.eval_fraction, config.seed)
-    rng = random.Random(config.seed)
-    per_epoch = math.ceil(len(train_rows) / config.micro_batch_size)
-    engine, ds_config, total_micro, total_steps = start_engine(policy, config, per_epoch)
-    device = engine.device
-    reference.to(device)
-    if ds_config.get("bf16", {}).get("enabled"):
-        reference.to(torch.bfloat16)
-    scorer = RewardScorer(reward_model, device, config.reward_task) if reward_model else None
-    eval_prompts = sorted({r.prompt for r in eval_rows})[: config.eval_prompts]
+    def __init__(self, config: PolicyCommon, out_dir, source: D.Source, load, reward_model: str | None,
+                 progress=None, log=None):
+        super().__init__(config, out_dir, progress, log)
+        self.train_rows, self.eval_rows = self.read(source, load)
+        self.eval_prompts = sorted({r.prompt for r in self.eval_rows})[: config.eval_prompts]
+        torch.manual_seed(config.seed)
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        self.model = build_backbone(config.model, config.random_init, causal_lm=True, attn_implementation="sdpa")
+        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if config.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.reward_model = reward_model
+        self.scorer: RewardScorer | None = None
+        self.rng = random.Random(config.seed)
 
-    with gathered(engine.module, engine):
-        before = sample_report(engine.module, reference, tokenizer, eval_prompts, config, device, scorer) \
-            if eval_prompts else None
-    policy_len = LengthPolicy(config.max_length, config.max_prompt_length, "truncate")
-    filtering = D.FilterReport()
-    history, window = [], []
-    started, micro = time.perf_counter(), 0
-    engine.train()
-    while micro < total_micro:
-        order = list(range(len(train_rows)))
-        rng.shuffle(order)
-        for start in range(0, len(order), config.micro_batch_size):
-            if micro >= total_micro:
-                break
-            chunk = [train_rows[i] for i in order[start:start + config.micro_batch_size]]
-            if config.algorithm == "dpo":
-                loss, stats = _dpo_step(engine, reference, tokenizer, chunk, policy_len, filtering, config, device)
-            else:
-                with gathered(engine.module, engine):
-                    loss, stats = _rloo_step(engine, reference, tokenizer, chunk, scorer, config, device)
-            if loss is None:
-                continue
-            engine.backward(loss)
-            engine.step()
-            micro += 1
-            window.append(stats)
-            if progress:
-                progress(1)
-            if micro % (config.log_every * config.grad_accum) == 0 or micro == total_micro:
-                entry = {"step": micro // config.grad_accum,
-                         **{k: sum(w[k] for w in window) / len(window) for k in window[0]}}
-                window = []
-                history.append(entry)
-                if log:
-                    log(entry)
-    train_seconds = time.perf_counter() - started
-    with gathered(engine.module, engine):
-        after = sample_report(engine.module, reference, tokenizer, eval_prompts, config, device, scorer) \
-            if eval_prompts else None
-        held_out = _dpo_accuracy(engine.module, reference, tokenizer, eval_rows, policy_len, config, device) \
-            if config.algorithm == "dpo" and eval_rows else None
-    result = {"algorithm": config.algorithm, "train_rows": len(train_rows), "eval_rows": len(eval_rows),
-              "steps": total_steps, "train_seconds": round(train_seconds, 2), "length_filter": filtering.to_dict(),
-              "history": history, "before": before, "after": after}
-    if held_out is not None:
-        result["eval_implicit_reward_accuracy"] = held_out
-    save_causal_lm(out_dir, full_state_dict(engine.module, engine), engine.module.config, tokenizer,
-                   extra={"train_config": config.model_dump(), "reward_model": reward_model,
-                          "train_result": {k: v for k, v in result.items() if k != "history"}})
-    result["out_dir"] = str(out_dir)
-    return result
+    def chunks(self, rows: list) -> list[list]:
+        """One epoch of `micro_batch_size` rows, shuffled."""
+        return [[rows[i] for i in members] for members in shuffled_chunks(len(rows), self.config.micro_batch_size,
+                                                                         self.rng)]
 
+    def on_train_begin(self) -> None:
+        self.reference.to(self.device)
+        if self.ds_config.get("bf16", {}).get("enabled"):
+            self.reference.to(torch.bfloat16)
+        if self.reward_model:
+            self.scorer = RewardScorer(self.reward_model, self.device, self.config.reward_task)
+        self.before = self.report()
 
-def _encode_dpo(tokenizer, pairs, policy_len, filtering):
-    prompts, chosen, rejected = [], [], []
-    for pair in pairs:
-        fitted = policy_len.fit(encode_prompt(tokenizer, pair.prompt),
-                                [encode_reply(tokenizer, pair.chosen), encode_reply(tokenizer, pair.rejected)], filtering)
-        if fitted is not None:
-            prompts.append(fitted[0])
-            chosen.append(fitted[1][0])
-            rejected.append(fitted[1][1])
-    return prompts, chosen, rejected
+    def report(self) -> dict | None:
+        if not self.eval_prompts:
+            return None
+        with gathered(self.engine.module, self.engine):
+            return sample_report(self.engine.module, self.reference, self.tokenizer, self.eval_prompts, self.config,
+                                 self.device, self.scorer)
 
+    def evaluate(self) -> dict:
+        return {"before": self.before, "after": self.report()}
 
-def _dpo_step(engine, reference, tokenizer, pairs, policy_len, filtering, config, device):
-    prompts, chosen, rejected = _encode_dpo(tokenizer, pairs, policy_len, filtering)
-    if not prompts:
-        return None, None
-    pad = tokenizer.pad_token_id
-    both = reply_logprobs(engine, prompts + prompts, chosen + rejected, pad, device)
-    with torch.no_grad():
-        ref = reply_logprobs(reference, prompts + prompts, chosen + rejected, pad, device)
-    n = len(prompts)
-    loss, logits = dpo_loss(both[:n], both[n:], ref[:n], ref[n:], config.beta)
-    return loss, {"loss": loss.item(), "accuracy": (logits > 0).float().mean().item(),
-                  "mean_margin": (logits / config.beta).mean().item()}
+    def card(self) -> dict:
+        return super().card() | {"reward_model": self.reward_model}
 
-
-@torch.no_grad()
-def _dpo_accuracy(model, reference, tokenizer, pairs, policy_len, config, device) -> float:
-    model.eval()
-    prompts, chosen, rejected = _encode_dpo(tokenizer, pairs, policy_len, D.FilterReport())
-    hits = 0
-    for start in range(0, len(prompts), 8):
-        p, c, r = prompts[start:start + 8], chosen[start:start + 8], rejected[start:start + 8]
-        pol = reply_logprobs(model, p + p, c + r, tokenizer.pad_token_id, device)
-        ref = reply_logprobs(reference, p + p, c + r, tokenizer.pad_token_id, device)
-        n = len(p)
-        hits += int((((pol[:n] - ref[:n]) - (pol[n:] - ref[n:])) > 0).sum())
-    return hits / max(1, len(prompts))
-
-
-def _rloo_step(engine, reference, tokenizer, rows, scorer, config, device):
-    k = config.samples_per_prompt
-    if k < 2:
-        raise UserError("rloo needs samples_per_prompt >= 2 (the baseline leaves one out)")
-    texts = [r.prompt for r in rows]
-    prompt_ids = [encode_prompt(tokenizer, p)[-config.max_prompt_length:] for p in texts]
-    engine.module.eval()
-    replies = sample_replies(engine.module, tokenizer, prompt_ids, config, device, k)
-    engine.module.train()
-    expanded = [ids for ids in prompt_ids for _ in range(k)]
-    logp = reply_logprobs(engine, expanded, replies, tokenizer.pad_token_id, device)
-    with torch.no_grad():
-        ref_logp = reply_logprobs(reference, expanded, replies, tokenizer.pad_token_id, device)
-        scores = scorer([p for p in texts for _ in range(k)],
-                        [tokenizer.decode(r, skip_special_tokens=True) for r in replies]).to(device)
-        kl = logp.detach() - ref_logp
-        reward = (scores - config.kl_coef * kl).view(-1, k)
-        baseline = (reward.sum(1, keepdim=True) - reward) / (k - 1)
-        advantage = (reward - baseline).view(-1)
-    loss = -(advantage * logp).mean()
-    return loss, {"loss": loss.item(), "reward": scores.mean().item(), "kl": kl.mean().item()}
+    def save(self, directory: Path, card: dict | None = None) -> None:
+        save_causal_lm(directory, full_state_dict(self.engine.module, self.engine), self.engine.module.config,
+                       self.tokenizer, card)

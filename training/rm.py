@@ -2,25 +2,27 @@
 
 Pairwise: loss = -log sigmoid(r(prompt, chosen) - r(prompt, rejected) - margin), the margin column
 when present and `use_margin` is on (TRL's convention). Tier: prompt + completion -> good/ok/bad
-(cross-entropy); its scalar reward is the expected tier. Logged every `log_every` steps: loss,
-accuracy (chosen scored higher / tier correct), mean margin (r_chosen - r_rejected; for tiers the
-gap between the mean reward of good and bad rows in the batch).
+(cross-entropy); its scalar reward is the expected tier. Logged (training.loop): loss, accuracy (chosen
+scored higher / tier correct), mean margin (r_chosen - r_rejected; for tiers the gap between the mean
+reward of good and bad rows in the batch).
 
-Joint multi-task training (`data_path` = {task: pairs file}; see training.multitask): one model on
-all tasks, conditioned by a task marker in the prompt or by a per-task head; held-out evaluation and
-logged accuracy per task.
+DATA is a pairs file (pointwise rows for objective=tier) or an `ahf export` directory of that format:
+then training reads its train split and evaluation its validation split (training.data.read_source).
+Joint multi-task training (`data_path` = {task: DATA}; see training.multitask): one model on all tasks,
+conditioned by a task marker in the prompt or by a per-task head; held-out evaluation and logged
+accuracy per task.
 
-Output directory: `model.safetensors`, `ahf_model.json` (with the training config and final
-metrics), tokenizer files, `metrics.jsonl` (one line per logged step and per evaluation).
+Output directory: `model.safetensors`, `ahf_model.json` (the training config, the data's lineage and the
+result), tokenizer files, `metrics.jsonl`.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import random
-import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,31 +31,42 @@ from pydantic import Field
 from ahf.console import UserError
 from training import data as D
 from training import multitask as M
-from training.config import TrainCommon
 from training.attention import BLOCK_SPARSE, without_attention_dropout
-from training.engine import full_state_dict, start_engine
-from training.models import RewardModel, build_backbone, load_tokenizer
+from training.config import TrainCommon
+from training.engine import full_state_dict
+from training.loop import Trainer, row_counts
+from training.models import MODEL_CARD, RewardModel, attention_implementation, build_backbone, load_tokenizer, read_card
 from training.tokens import LengthPolicy, encode_prompt, encode_reply, first_fit, pack_rows, pad_rows, shuffled_chunks
 
 
 class RMConfig(TrainCommon):
-    """`ahf train rm` (configs/train/rm.yaml); `micro_batch_size` counts pairs per padded step."""
+    """`ahf train rm` (configs/train/rm.yaml): the common fields (training.config) and these."""
 
-    objective: str = Field("pairwise", pattern="^(pairwise|tier)$")
-    use_margin: bool = True
-    max_prompt_length: int = 128
-    overlong: str = Field("truncate", pattern="^(truncate|drop)$")
-    eval_pairs: str | dict[str, str] | None = None  # a held-out file instead of a split ({task: file} when joint)
-    pack_tokens: int = 4096  # tokens per packed row (packed layouts)
-    packing: str = Field("auto", pattern="^(auto|none|varlen|shared_prompt)$")
-    # packed rows: a dense (L, L) mask through SDPA, or FlexAttention skipping the masked tiles
-    # (training.attention: no attention dropout; unmeasured on a GPU so far, unfused so slow on the CPU)
-    attention: str = Field("sdpa", pattern="^(sdpa|block_sparse)$")
-    eval_batch_size: int = 16
-    # joint multi-task training (several --task NAME=FILE): how the task is shown to the model, and
-    # whether smaller tasks are up-sampled to the largest each epoch
-    multitask: str = Field("task_token", pattern="^(task_token|task_head)$")
-    task_balance: str = Field("proportional", pattern="^(proportional|equal)$")
+    objective: Literal["pairwise", "tier"] = Field(
+        "pairwise", description="pairwise (Bradley-Terry on pairs) | tier (prompt + completion -> good/ok/bad)")
+    use_margin: bool = Field(True, description="subtract the pairs' `margin` column inside the sigmoid")
+    max_prompt_length: int = Field(128, description="prompt tokens kept when a row is truncated (at most half "
+                                                    "of max_length; the prompt's last token is kept)")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="rows over max_length: truncate (prompt, then reply tail) or drop; both counted")
+    eval_pairs: str | dict[str, str] | None = Field(
+        None, description="held-out file in the training data's format instead of the validation split or a "
+                          "held-out share ({task: file} when training jointly)")
+    micro_batch_size: int = Field(4, description="pairs (rows for objective=tier) per padded micro-step")
+    pack_tokens: int = Field(4096, description="tokens per packed row (packing varlen / shared_prompt)")
+    packing: Literal["auto", "none", "varlen", "shared_prompt"] = Field(
+        "auto", description="batch layout: auto (shared_prompt on CUDA with a causal backbone, else none) | none "
+                            "(padded) | varlen (packed, block-diagonal) | shared_prompt (packed, prompt encoded once)")
+    attention: Literal["sdpa", "block_sparse"] = Field(
+        "sdpa", description="packed rows: sdpa (dense mask) | block_sparse (FlexAttention skips masked tiles; "
+                            "CUDA only, no attention dropout)")
+    eval_batch_size: int = Field(16, description="pairs per batch when scoring held-out pairs")
+    multitask: Literal["task_token", "task_head"] = Field(
+        "task_token", description="joint training: a `[task: NAME]` marker before every prompt | one head "
+                                  "output per task")
+    task_balance: Literal["proportional", "equal"] = Field(
+        "proportional", description="joint training: every pair once per epoch | smaller tasks up-sampled to "
+                                    "the largest")
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -144,7 +157,6 @@ def pair_batches(encoded: list[dict], packing: str, micro_batch_size: int, pack_
             batch.score_index = torch.cat([batch.score_index[0::2], batch.score_index[1::2]])
         else:
             seqs = [[e["prompt"] + e["chosen"]] for e in chunk] + [[e["rejected_prompt"] + e["rejected"]] for e in chunk]
-            from training.models import attention_implementation
             batch = pack_rows(seqs, pad_id, True, False, block_sparse_length=sparse_length,
                               use_position_boundaries=not block_sparse
                               and attention_implementation() == "flash_attention_2")
@@ -185,7 +197,7 @@ def score_pairs(model: RewardModel, tokenizer, pairs: list[D.Pair], max_length: 
     for e in encoded:
         e["task"] = task_index or 0
     chosen, rejected = [], []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     for batch, _ in pair_batches(encoded, "none", batch_size, 0, tokenizer.pad_token_id, None):
         with autocast:
             scores = RewardModel.score_from_logits(model(**task_inputs(model, batch, device)).float())
@@ -194,13 +206,6 @@ def score_pairs(model: RewardModel, tokenizer, pairs: list[D.Pair], max_length: 
         rejected.append(scores[half:].cpu())
     return torch.cat(chosen), torch.cat(rejected), report
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def length_baseline(pairs: list[D.Pair]) -> float:
@@ -245,8 +250,7 @@ def evaluate_reward_model(model_dir: str | Path, pairs_path: str | Path, detoken
                           max_length: int | None = None, batch_size: int = 16, task: str | None = None) -> dict:
     """`ahf eval rm`: accuracy of a saved reward model on a pairs file, next to the length baseline.
     `task`: which task's conditioning to score with (required for, and only for, a joint multi-task model)."""
-    card = json.loads((Path(model_dir) / "ahf_model.json").read_text()) if (Path(model_dir) / "ahf_model.json").exists() else {}
-    trained_with = card.get("train_config", {})
+    trained_with = read_card(model_dir).get("train_config", {}) if (Path(model_dir) / MODEL_CARD).exists() else {}
     model = RewardModel.load(model_dir)
     model.task_index(task)  # refuse a missing / unknown / superfluous task before reading the pairs
     if torch.cuda.is_available():
@@ -258,6 +262,7 @@ def evaluate_reward_model(model_dir: str | Path, pairs_path: str | Path, detoken
     result = evaluate_pairs(model, tokenizer, pairs, limit, trained_with.get("max_prompt_length", 128), batch_size,
                             task)
     return {"model": str(model_dir), "pairs_file": str(pairs_path), **({"task": task} if task else {}), **result}
+
 
 
 # ----------------------------------------------------------------------------- training
@@ -280,161 +285,139 @@ def build_reward_model(config: RMConfig, tasks: list[str] | None = None) -> tupl
     return model, tokenizer
 
 
+
+class RMTrainer(Trainer):
+    """Reward model on one DATA (pairs, or tiers), or jointly on several tasks' pairs."""
+
+    def __init__(self, config: RMConfig, data_path, out_dir, progress=None, log=None):
+        super().__init__(config, out_dir, progress, log)
+        tasks = _check_multitask(config, data_path)
+        if config.attention == "block_sparse" and not torch.cuda.is_available():
+            raise UserError("attention=block_sparse trains on CUDA only (FlexAttention has no backward on the CPU); "
+                            "use attention=sdpa")
+        self.tasks = list(tasks) if tasks else None
+        train = self._read_tasks(tasks) if tasks else self._read(data_path)  # the data first: its errors cost nothing
+        torch.manual_seed(config.seed)
+        self.model, self.tokenizer = build_reward_model(config, self.tasks)
+        self.length = LengthPolicy(config.max_length, config.max_prompt_length, config.overlong)
+        self._encode(train)
+        if not self.encoded:
+            raise UserError(f"{data_path}: no training rows left after length filtering {self.facts['length_filter']}")
+        self.packing = self.facts["packing"] = self._packing()
+        self.rng = random.Random(config.seed)
+        self.task_hits = torch.zeros(len(self.tasks or [0]))  # per task: correct / seen pairs in the log window
+        self.task_seen = torch.zeros(len(self.tasks or [0]))
+
+    def _read(self, data_path) -> list:
+        """The training rows; held-out rows into `self.eval_rows`, lineage into `self.data`."""
+        c = self.config
+        pairwise = c.objective == "pairwise"
+        load = D.load_pairs if pairwise else D.load_pointwise
+        source = D.read_source(data_path, load, c.detokenize, ("pairs",) if pairwise else ("pointwise",))
+        train, self.eval_rows = self.read(source, load, c.eval_pairs)
+        return train
+
+    def _read_tasks(self, tasks: dict) -> dict[str, list[D.Pair]]:
+        """Per task: the training pairs; held-out pairs into `self.eval_by_task`, lineage into `self.data`."""
+        c = self.config
+        train, self.eval_by_task, data = M.load_task_pairs(tasks, c.eval_pairs, c.eval_fraction, c.seed, c.detokenize)
+        self.data = {"tasks": data}
+        every_train = [r for rows in train.values() for r in rows]
+        every_held = [r for rows in self.eval_by_task.values() for r in rows]
+        self.facts = row_counts(every_train, every_held) | {
+            "tasks": list(tasks), "task_conditioning": c.multitask, "task_balance": c.task_balance,
+            "by_task": {name: row_counts(train[name], self.eval_by_task[name]) for name in tasks}}
+        return train
+
+    def _encode(self, train: list | dict) -> None:
+        if self.tasks:
+            by_task = self.facts["by_task"]
+            self.encoded, filtering = _encode_tasks(train, self.model, self.tokenizer, self.length, by_task)
+        elif self.config.objective == "pairwise":
+            self.encoded, filtering = encode_pairs(train, self.tokenizer, self.length)
+        else:
+            self.encoded, filtering = encode_points(train, self.tokenizer, self.length)
+        self.facts |= {"train_used": len(self.encoded), "length_filter": filtering.to_dict()}
+
+    def _packing(self) -> str:
+        if self.config.objective != "pairwise":
+            packing = "none"
+        else:
+            packing = resolve_packing(self.config.packing, self.model)
+        if packing == "shared_prompt" and self.config.packing == "auto" and any(
+                e["rejected_prompt"] is not e["prompt"] for e in self.encoded):
+            packing = "varlen"
+        if self.config.attention == "block_sparse" and packing == "none":
+            raise UserError("attention=block_sparse is for packed rows: set packing=shared_prompt or varlen "
+                            "(packing=auto packs only on a GPU)")
+        return packing
+
+    def batches(self) -> list:
+        c, pad = self.config, self.tokenizer.pad_token_id
+        if c.objective == "tier":
+            return _tier_batches(self.encoded, c.micro_batch_size, pad, self.rng)
+        epoch = self.encoded  # proportional: every pair once, mixed across tasks by the batcher's shuffle
+        if self.tasks and c.task_balance == "equal":
+            epoch = [self.encoded[i] for i in M.epoch_order([e["task"] for e in self.encoded], "equal", self.rng)]
+        if self.tasks:
+            self.facts["pairs_per_epoch"] = len(epoch)
+        return pair_batches(epoch, self.packing, c.micro_batch_size, c.pack_tokens, pad, self.rng,
+                            c.attention == "block_sparse")
+
+    def compute_loss(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs, targets = batch
+        logits = self.engine(**task_inputs(self.model, inputs, self.device)).float()
+        if self.config.objective == "tier":
+            tiers = targets.to(self.device)
+            loss = F.cross_entropy(logits, tiers)
+            return loss, _tier_stats(loss, logits, tiers)
+        half = logits.shape[0] // 2
+        chosen, rejected = logits[:half], logits[half:]
+        loss = bt_loss(chosen, rejected, targets if self.config.use_margin else None)
+        if self.tasks:
+            self.task_hits.index_add_(0, inputs.extras["tasks"], (chosen > rejected).float().cpu())
+            self.task_seen.index_add_(0, inputs.extras["tasks"], torch.ones(half))
+        return loss, {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
+                      "mean_margin": (chosen - rejected).mean().item()}
+
+    def log(self, entry: dict) -> None:
+        if self.tasks:  # pairs of each task seen in this window (a task absent from it is left out)
+            entry["accuracy_by_task"] = {name: (self.task_hits[t] / self.task_seen[t]).item()
+                                         for t, name in enumerate(self.tasks) if self.task_seen[t] > 0}
+            entry["pairs_by_task"] = {name: int(self.task_seen[t]) for t, name in enumerate(self.tasks)}
+            self.task_hits.zero_()
+            self.task_seen.zero_()
+        super().log(entry)
+
+    def save(self, directory: Path, card: dict | None = None) -> None:
+        state = full_state_dict(self.engine.module, self.engine)
+        self.model.save(directory, self.tokenizer, extra=card, state_dict=state)
+
+    def evaluate(self) -> dict:
+        """Held-out figures of the saved model: the same weights `ahf eval rm` reads."""
+        self.engine = None  # the optimizer states go before the evaluation copy comes
+        final = RewardModel.load(self.out_dir, attn_implementation="sdpa").to(self.device)
+        c = self.config
+        score = functools.partial(evaluate_pairs, final, self.tokenizer, max_length=c.max_length,
+                                  max_prompt_length=c.max_prompt_length, batch_size=c.eval_batch_size)
+        if self.tasks:
+            return {"eval_by_task": {name: score(held, task=name) for name, held in self.eval_by_task.items() if held}}
+        result = {}
+        pairs = self.eval_rows if c.objective == "pairwise" else _tier_pairs(self.eval_rows)
+        if pairs:
+            result["eval"] = score(pairs)
+        if c.objective == "tier" and self.eval_rows:
+            result["eval_tier_accuracy"] = _tier_accuracy(final, self.tokenizer, self.eval_rows, self.length,
+                                                          c.eval_batch_size)
+        return result
+
+
 def train_reward_model(config: RMConfig, data_path: str | Path | dict[str, str | Path], out_dir: str | Path,
                        progress: Callable[[int], None] | None = None,
                        log: Callable[[dict], None] | None = None) -> dict:
-    """Train on `data_path` (pairs, or pointwise tiers for objective=tier), evaluate on held-out prompts.
-    `data_path` as {task: pairs file} (two or more) trains one joint multi-task model (`config.multitask`)."""
-    tasks = _check_multitask(config, data_path)
-    if config.attention == "block_sparse" and not torch.cuda.is_available():
-        raise UserError("attention=block_sparse trains on CUDA only (FlexAttention has no backward on the CPU); "
-                        "use attention=sdpa")
-    torch.manual_seed(config.seed)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = build_reward_model(config, list(tasks) if tasks else None)
-    policy = LengthPolicy(config.max_length, config.max_prompt_length, config.overlong)
-
-    by_task: dict[str, dict] = {}
-    if tasks:
-        train_by_task, eval_by_task = M.load_task_pairs(tasks, config.eval_pairs, config.eval_fraction,
-                                                        config.seed, config.detokenize)
-        encoded, filtering = _encode_tasks(train_by_task, model, tokenizer, policy, by_task)
-        train_rows = [p for rows in train_by_task.values() for p in rows]
-        eval_rows = [p for rows in eval_by_task.values() for p in rows]
-        for name in tasks:
-            by_task[name] |= {"train_rows": len(train_by_task[name]), "eval_rows": len(eval_by_task[name]),
-                              "train_prompts": len({r.prompt for r in train_by_task[name]}),
-                              "eval_prompts": len({r.prompt for r in eval_by_task[name]})}
-    else:
-        if config.objective == "pairwise":
-            examples = D.load_pairs(data_path, detok=config.detokenize)
-        else:
-            examples = D.load_pointwise(data_path, detok=config.detokenize)
-        if config.eval_pairs:
-            train_rows, eval_rows = examples, D.load_pairs(config.eval_pairs, detok=config.detokenize)
-        else:
-            train_rows, eval_rows = D.split_by_prompt(examples, config.eval_fraction, config.seed)
-        if config.objective == "pairwise":
-            encoded, filtering = encode_pairs(train_rows, tokenizer, policy)
-        else:
-            encoded, filtering = encode_points(train_rows, tokenizer, policy)
-    if not encoded:
-        raise UserError(f"{data_path}: no training rows left after length filtering {filtering.to_dict()}")
-    packing = resolve_packing(config.packing, model) if config.objective == "pairwise" else "none"
-    if packing == "shared_prompt" and config.packing == "auto" and any(
-            e["rejected_prompt"] is not e["prompt"] for e in encoded):
-        packing = "varlen"
-    block_sparse = config.attention == "block_sparse"
-    if block_sparse and packing == "none":
-        raise UserError("attention=block_sparse is for packed rows: set packing=shared_prompt or varlen "
-                        "(packing=auto packs only on a GPU)")
-
-    rng = random.Random(config.seed)
-    task_of = [e.get("task", 0) for e in encoded]
-
-    def make_batches():
-        if config.objective != "pairwise":
-            return _tier_batches(encoded, config.micro_batch_size, tokenizer.pad_token_id, rng)
-        epoch = encoded  # proportional: every pair once, mixed across tasks by the batcher's shuffle
-        if tasks and config.task_balance == "equal":
-            epoch = [encoded[i] for i in M.epoch_order(task_of, "equal", rng)]
-        return pair_batches(epoch, packing, config.micro_batch_size, config.pack_tokens, tokenizer.pad_token_id, rng,
-                            block_sparse)
-
-    first_epoch = make_batches()
-    per_epoch, pairs_per_epoch = len(first_epoch), sum(len(b.extras.get("pairs", ())) for b, _ in first_epoch)
-    engine, ds_config, total_micro, total_steps = start_engine(model, config, per_epoch)
-    device = engine.device
-
-    metrics_file = (out_dir / "metrics.jsonl").open("w")
-    history, window = [], []
-    task_hits = torch.zeros(len(tasks or [0]))  # per-task correct / seen pairs in the current log window
-    task_seen = torch.zeros(len(tasks or [0]))
-    started = time.perf_counter()
-    real_tokens = 0
-    micro = 0
-    engine.train()
-    while micro < total_micro:
-        for batch, margins in make_batches():
-            if micro >= total_micro:
-                break
-            logits = engine(**task_inputs(model, batch, device)).float()
-            if config.objective == "pairwise":
-                half = logits.shape[0] // 2
-                chosen, rejected = logits[:half], logits[half:]
-                loss = bt_loss(chosen, rejected, margins if config.use_margin else None)
-                stats = {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
-                         "mean_margin": (chosen - rejected).mean().item()}
-                if tasks:
-                    batch_tasks = batch.extras["tasks"]
-                    task_hits.index_add_(0, batch_tasks, (chosen > rejected).float().cpu())
-                    task_seen.index_add_(0, batch_tasks, torch.ones(len(batch_tasks)))
-            else:
-                loss = F.cross_entropy(logits, margins.to(device))
-                stats = _tier_stats(loss, logits, margins.to(device))
-            engine.backward(loss)
-            engine.step()
-            micro += 1
-            real_tokens += batch.real_tokens
-            window.append(stats)
-            if progress:
-                progress(1)
-            if micro % (config.log_every * config.grad_accum) == 0 or micro == total_micro:
-                entry = {"step": micro // config.grad_accum, "micro_step": micro,
-                         **{k: sum(w[k] for w in window) / len(window) for k in window[0]},
-                         "lr": engine.get_lr()[0] if hasattr(engine, "get_lr") else config.lr,
-                         "real_tokens_per_s": real_tokens / (time.perf_counter() - started)}
-                if tasks:  # pairs of each task seen in this window (a task absent from it is left out)
-                    entry["accuracy_by_task"] = {name: (task_hits[t] / task_seen[t]).item()
-                                                 for t, name in enumerate(tasks) if task_seen[t] > 0}
-                    entry["pairs_by_task"] = {name: int(task_seen[t]) for t, name in enumerate(tasks)}
-                    task_hits.zero_()
-                    task_seen.zero_()
-                window = []
-                history.append(entry)
-                metrics_file.write(json.dumps(entry) + "\n")
-                metrics_file.flush()
-                if log:
-                    log(entry)
-    train_seconds = time.perf_counter() - started
-
-    state = full_state_dict(engine.module, engine)
-    model.save(out_dir, tokenizer, extra={"train_config": config.model_dump()}, state_dict=state)
-    del engine
-    # evaluate the saved model: the same weights `ahf eval rm` will read
-    final = RewardModel.load(out_dir, attn_implementation="sdpa").to(device)
-
-    result = {"train_rows": len(train_rows), "train_used": len(encoded), "eval_rows": len(eval_rows),
-              "train_prompts": len({r.prompt for r in train_rows}), "eval_prompts": len({r.prompt for r in eval_rows}),
-              "length_filter": filtering.to_dict(), "packing": packing, "steps": total_steps,
-              "micro_steps": micro, "train_seconds": round(train_seconds, 2),
-              "real_tokens_per_s": round(real_tokens / train_seconds, 1), "history": history,
-              "deepspeed": {"config": config.deepspeed, "zero_stage": ds_config.get("zero_optimization", {}).get("stage"),
-                            "bf16": ds_config.get("bf16", {}).get("enabled", False)}}
-    if tasks:
-        result |= {"tasks": list(tasks), "task_conditioning": config.multitask, "task_balance": config.task_balance,
-                   "pairs_per_epoch": pairs_per_epoch, "by_task": by_task}
-        result["eval_by_task"] = {name: evaluate_pairs(final, tokenizer, eval_by_task[name], config.max_length,
-                                                       config.max_prompt_length, config.eval_batch_size, task=name)
-                                  for name in tasks if eval_by_task[name]}
-        if result["eval_by_task"]:
-            metrics_file.write(json.dumps({"eval_by_task": result["eval_by_task"]}) + "\n")
-    elif eval_rows:
-        eval_pairs = eval_rows if config.objective == "pairwise" else _tier_pairs(eval_rows)
-        if eval_pairs:
-            result["eval"] = evaluate_pairs(final, tokenizer, eval_pairs, config.max_length, config.max_prompt_length,
-                                            config.eval_batch_size)
-        if config.objective == "tier":
-            result["eval_tier_accuracy"] = _tier_accuracy(final, tokenizer, eval_rows, policy, config.eval_batch_size)
-        metrics_file.write(json.dumps({"eval": {k: v for k, v in result.items() if k.startswith("eval")}}) + "\n")
-    metrics_file.close()
-    card_path = out_dir / "ahf_model.json"
-    card = json.loads(card_path.read_text())
-    card["train_result"] = {k: v for k, v in result.items() if k != "history"}
-    card_path.write_text(json.dumps(card, indent=2, default=str))
-    result["out_dir"] = str(out_dir)
-    return result
+    """Train on DATA (pairs, or pointwise tiers for objective=tier; a file or an export directory) and
+    evaluate on held-out rows. `data_path` as {task: DATA} (two or more) trains one joint multi-task model."""
+    return RMTrainer(config, data_path, out_dir, progress, log).train()
 
 
 def _check_multitask(config: RMConfig, data_path) -> dict | None:
@@ -464,7 +447,7 @@ def _encode_tasks(train_by_task: dict[str, list[D.Pair]], model: RewardModel, to
         for row in rows:
             row["task"] = index
         encoded += rows
-        by_task[name] = {"train_used": len(rows), "length_filter": report.to_dict()}
+        by_task[name] |= {"train_used": len(rows), "length_filter": report.to_dict()}
         total.total += report.total
         total.kept += report.kept
         total.dropped.update(report.dropped)

@@ -1,6 +1,7 @@
 """Behaviour cloning on DeepSpeed: loss on the completion only, nothing silently truncated.
 
-Input: rows with `prompt, completion` (or Fan et al.'s `prompt, story`). Each row becomes
+Input: rows with `prompt, completion` (or Fan et al.'s `prompt, story`), or an `ahf export --format sft`
+directory (its train split; eval loss and sample prompts from its validation split). Each row becomes
 `prompt \\n\\n completion <eos>`; the prompt positions get label -100. Rows longer than `max_length`
 are dropped and counted (`length_filter.dropped`), never cut. With packing (`varlen`, the default on
 CUDA) rows are concatenated without padding and attention stays within each row.
@@ -14,9 +15,8 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,23 +25,25 @@ from pydantic import Field
 from ahf.console import UserError
 from training import data as D
 from training.config import TrainCommon
-from training.engine import full_state_dict, gathered, start_engine
-from training.models import attention_implementation, build_backbone, load_tokenizer, save_state
+from training.engine import full_state_dict, gathered
+from training.loop import Trainer
+from training.models import attention_implementation, build_backbone, load_tokenizer, save_causal_lm
 from training.tokens import encode_prompt, encode_reply, first_fit, pack_rows, pad_rows, shuffled_chunks
 
 
 class SFTConfig(TrainCommon):
-    """`ahf train sft` (configs/train/sft.yaml)."""
+    """`ahf train sft` (configs/train/sft.yaml): the common fields (training.config) and these."""
 
-    eval_fraction: float = 0.05
-    pack_tokens: int = 4096
-    packing: str = Field("auto", pattern="^(auto|none|varlen)$")
-    lr: float = 2e-5
-    save_every: int | None = None  # steps between checkpoints (None: only the final one)
-    sample_prompts: int = 2
-    sample_max_new_tokens: int = 64
-    sample_temperature: float = 0.8
-    sample_top_p: float = 0.95
+    eval_fraction: float = Field(0.05, description="share of the training prompts held out (eval loss, sample "
+                                                   "prompts) when the data brings no validation split")
+    lr: float = Field(2e-5, description="peak learning rate (linear warm-up, then linear decay to 0)")
+    pack_tokens: int = Field(4096, description="tokens per packed row (packing varlen)")
+    packing: Literal["auto", "none", "varlen"] = Field(
+        "auto", description="batch layout: auto (varlen on CUDA, else none) | none (padded) | varlen (packed)")
+    sample_prompts: int = Field(2, description="held-out prompts sampled at every checkpoint (samples.jsonl)")
+    sample_max_new_tokens: int = Field(64, description="tokens generated per sample")
+    sample_temperature: float = Field(0.8, description="sampling temperature of the checkpoint samples")
+    sample_top_p: float = Field(0.95, description="nucleus (top-p) of the checkpoint samples")
 
 
 def encode_sft(examples: list[D.SFTExample], tokenizer, max_length: int) -> tuple[list[dict], D.FilterReport]:
@@ -133,96 +135,63 @@ def generate_samples(model, tokenizer, prompts: list[str], config: SFTConfig, de
     return samples
 
 
-def save_causal_lm(directory: Path, state: dict, model_config, tokenizer, extra: dict | None = None) -> Path:
-    """A Hugging Face directory (config.json + model.safetensors + tokenizer), loadable by from_pretrained."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if getattr(model_config, "tie_word_embeddings", False):
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    save_state(state, directory / "model.safetensors")
-    model_config.save_pretrained(str(directory))
-    tokenizer.save_pretrained(str(directory))
-    if extra:
-        (directory / "ahf_model.json").write_text(json.dumps({"kind": "causal_lm", **extra}, indent=2, default=str))
-    return directory
+class SFTTrainer(Trainer):
+    """Prompt-masked next-token loss on `prompt, completion` rows; checkpoints carry sampled completions."""
+
+    def __init__(self, config: SFTConfig, data_path, out_dir, progress=None, log=None):
+        super().__init__(config, out_dir, progress, log)
+        train, held = self.read(D.read_source(data_path, D.load_sft, config.detokenize, ("sft",)), D.load_sft)
+        torch.manual_seed(config.seed)
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        self.model = build_backbone(config.model, config.random_init, causal_lm=True)
+        if config.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.encoded, filtering = encode_sft(train, self.tokenizer, config.max_length)
+        eval_encoded, eval_filtering = encode_sft(held, self.tokenizer, config.max_length)
+        if not self.encoded:
+            raise UserError(f"{data_path}: every row is longer than max_length={config.max_length} "
+                            f"({filtering.to_dict()}); raise max_length")
+        self.packing = config.packing if config.packing != "auto" else (
+            "varlen" if torch.cuda.is_available() else "none")
+        self.rng = random.Random(config.seed)
+        self.sample_prompts = sorted({r.prompt for r in held or train})[: config.sample_prompts]
+        self.eval_batches = sft_batches(eval_encoded, "none", config.micro_batch_size, 0,
+                                        self.tokenizer.pad_token_id, None)
+        self.facts |= {"train_used": len(self.encoded), "length_filter": filtering.to_dict(),
+                       "eval_length_filter": eval_filtering.to_dict(), "packing": self.packing}
+
+    def batches(self) -> list:
+        c = self.config
+        return sft_batches(self.encoded, self.packing, c.micro_batch_size, c.pack_tokens,
+                           self.tokenizer.pad_token_id, self.rng)
+
+    def compute_loss(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs, labels = batch
+        loss, _ = completion_loss(self.engine(**_lm_inputs(inputs, self.device)).logits, labels)
+        return loss, {"loss": loss.item()}
+
+    def save(self, directory: Path, card: dict | None = None) -> None:
+        save_causal_lm(directory, full_state_dict(self.engine.module, self.engine), self.engine.module.config,
+                       self.tokenizer, card)
+
+    def checkpoint(self, step: int) -> dict:
+        """The weights, held-out eval loss, and `samples.jsonl`: one completion per fixed prompt."""
+        with gathered(self.engine.module, self.engine):
+            module = self.engine.module
+            samples = generate_samples(module, self.tokenizer, self.sample_prompts, self.config, self.device)
+            loss = eval_loss(module, self.eval_batches, self.device) if self.eval_batches else None
+        record = super().checkpoint(step)
+        with (Path(record["dir"]) / "samples.jsonl").open("w") as handle:
+            for sample in samples:
+                handle.write(json.dumps({"step": step, **sample}) + "\n")
+        return record | {"eval_loss": loss, "samples": len(samples)}
+
+    def evaluate(self) -> dict:
+        """The final checkpoint (samples and eval loss of the trained weights)."""
+        return {"eval_loss": self.save_checkpoint(self.total_steps)["eval_loss"]}
 
 
 def train_sft(config: SFTConfig, data_path: str | Path, out_dir: str | Path,
               progress: Callable[[int], None] | None = None, log: Callable[[dict], None] | None = None) -> dict:
-    torch.manual_seed(config.seed)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(config.tokenizer or config.model)
-    model = build_backbone(config.model, config.random_init, causal_lm=True)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    examples = D.load_sft(data_path, detok=config.detokenize)
-    train_rows, eval_rows = D.split_by_prompt(examples, config.eval_fraction, config.seed)
-    encoded, filtering = encode_sft(train_rows, tokenizer, config.max_length)
-    eval_encoded, eval_filtering = encode_sft(eval_rows, tokenizer, config.max_length)
-    if not encoded:
-        raise UserError(f"{data_path}: every row is longer than max_length={config.max_length} "
-                        f"({filtering.to_dict()}); raise max_length")
-    packing = config.packing if config.packing != "auto" else ("varlen" if torch.cuda.is_available() else "none")
-    rng = random.Random(config.seed)
-    per_epoch = len(sft_batches(encoded, packing, config.micro_batch_size, config.pack_tokens, tokenizer.pad_token_id, None))
-    engine, ds_config, total_micro, total_steps = start_engine(model, config, per_epoch)
-    device = engine.device
-    sample_prompts = sorted({r.prompt for r in eval_rows or train_rows})[: config.sample_prompts]
-    eval_batches = sft_batches(eval_encoded, "none", config.micro_batch_size, 0, tokenizer.pad_token_id, None)
-
-    def checkpoint(step: int) -> dict:
-        with gathered(engine.module, engine):
-            samples = generate_samples(engine.module, tokenizer, sample_prompts, config, device) if sample_prompts else []
-            loss = eval_loss(engine.module, eval_batches, device) if eval_batches else None
-        directory = out_dir / f"checkpoint-{step}"
-        save_causal_lm(directory, full_state_dict(engine.module, engine), engine.module.config, tokenizer)
-        with (directory / "samples.jsonl").open("w") as handle:
-            for sample in samples:
-                handle.write(json.dumps({"step": step, **sample}) + "\n")
-        return {"step": step, "dir": str(directory), "eval_loss": loss, "samples": len(samples)}
-
-    history, checkpoints, window = [], [], []
-    metrics = (out_dir / "metrics.jsonl").open("w")
-    started, real_tokens, micro = time.perf_counter(), 0, 0
-    engine.train()
-    while micro < total_micro:
-        for batch, labels in sft_batches(encoded, packing, config.micro_batch_size, config.pack_tokens,
-                                         tokenizer.pad_token_id, rng):
-            if micro >= total_micro:
-                break
-            loss, _ = completion_loss(engine(**_lm_inputs(batch, device)).logits, labels)
-            engine.backward(loss)
-            engine.step()
-            micro += 1
-            real_tokens += batch.real_tokens
-            window.append(loss.item())
-            if progress:
-                progress(1)
-            step = micro // config.grad_accum
-            if micro % config.grad_accum == 0 and (step % config.log_every == 0 or micro == total_micro):
-                entry = {"step": step, "loss": sum(window) / len(window),
-                         "real_tokens_per_s": real_tokens / (time.perf_counter() - started)}
-                window = []
-                history.append(entry)
-                metrics.write(json.dumps(entry) + "\n")
-                metrics.flush()
-                if log:
-                    log(entry)
-            if config.save_every and micro % config.grad_accum == 0 and step % config.save_every == 0 \
-                    and micro < total_micro:
-                checkpoints.append(checkpoint(step))
-                metrics.write(json.dumps({"checkpoint": checkpoints[-1]}) + "\n")
-    train_seconds = time.perf_counter() - started
-    checkpoints.append(checkpoint(total_steps))
-    metrics.write(json.dumps({"checkpoint": checkpoints[-1]}) + "\n")
-    metrics.close()
-    result = {"train_rows": len(train_rows), "train_used": len(encoded), "eval_rows": len(eval_rows),
-              "length_filter": filtering.to_dict(), "eval_length_filter": eval_filtering.to_dict(),
-              "packing": packing, "steps": total_steps, "train_seconds": round(train_seconds, 2),
-              "real_tokens_per_s": round(real_tokens / train_seconds, 1), "history": history,
-              "checkpoints": checkpoints, "eval_loss": checkpoints[-1]["eval_loss"]}
-    save_causal_lm(out_dir, full_state_dict(engine.module, engine), engine.module.config, tokenizer,
-                   extra={"train_config": config.model_dump(),
-                          "train_result": {k: v for k, v in result.items() if k != "history"}})
-    result["out_dir"] = str(out_dir)
-    return result
+    """Behaviour cloning on DATA (`prompt, completion` rows, or an sft export directory)."""
+    return SFTTrainer(config, data_path, out_dir, progress, log).train()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# the real data beside the repository (AHF_SHARED_DATA overrides, as for the tests)
+SHARED_DATA = Path(os.environ.get("AHF_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 GPT2_TOKENIZER = SHARED_DATA / "tokenizer" / "gpt2"
 
 TINY_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 512}
-GPT2_XL = {"model_type": "gpt2", "n_layer": 48, "n_embd": 1600, "n_head": 25, "n_positions": 1024}
