@@ -116,6 +116,8 @@ def _check_out(out: Path, force: bool, store_dir: Path) -> None:
     out_abs, store_abs = out.resolve(), store_dir.resolve()
     if out_abs == store_abs or out_abs in store_abs.parents:
         raise UserError(f"--out {out} would contain the store {store_dir}; choose another directory")
+    if out.is_symlink():  # replacing would swap the link for a folder: which of the two was meant is unclear
+        raise UserError(f"--out {out} is a symbolic link (to {os.readlink(out)}); give the folder itself as --out")
     if out.exists():
         if not out.is_dir():
             raise UserError(f"--out {out} exists and is not a directory")
@@ -125,6 +127,18 @@ def _check_out(out: Path, force: bool, store_dir: Path) -> None:
             if not (out / MANIFEST).exists():
                 raise UserError(f"--out {out} is not empty and is not an ahf export (no {MANIFEST}); "
                                 "refusing to replace it even with --force")
+            _check_manifest(out / MANIFEST)
+
+
+def _check_manifest(path: Path) -> None:
+    """--force deletes only what an export wrote: a manifest with the keys `export_dataset` writes."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or not {"report", "provenance"} <= manifest.keys():
+        raise UserError(f"{path} is not an ahf export manifest (an export writes one with its report and "
+                        "provenance); refusing to replace its folder even with --force")
 
 
 def export_dataset(store_dir: str | Path, fmt: Format, out: str | Path, act: str | None = None,

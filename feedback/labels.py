@@ -189,7 +189,7 @@ WITH base AS (
   SELECT post_id, min(created_utc) AS first_created FROM base GROUP BY post_id
 ), feats AS (
   SELECT b.*, {{time_feature}} AS t
-  FROM (SELECT b.*, greatest(coalesce(b.delay_post_s, b.created_utc - f.first_created), 0) AS delay
+  FROM (SELECT b.*, greatest(coalesce(b.delay_post_s, b.created_utc::DOUBLE - f.first_created), 0) AS delay
         FROM base b JOIN firsts f USING (post_id)) b
 ), stats AS (
   SELECT grp, count(*) AS group_size, avg(sibling_rank) AS mean_rank, stddev_pop(sibling_rank) AS sd_rank,
@@ -243,13 +243,13 @@ WITH ordered AS (
 SELECT post_id, parent_id,
        CASE WHEN score > next_score THEN comment_id ELSE next_id END,
        CASE WHEN score > next_score THEN next_id ELSE comment_id END,
-       'time_adjacent', ln(1 + abs(score - next_score)),
+       'time_adjacent', ln(1 + abs(score::DOUBLE - next_score)),
        greatest(score, next_score), least(score, next_score),
        CASE WHEN score > next_score THEN created_utc ELSE next_created END,
        CASE WHEN score > next_score THEN next_created ELSE created_utc END
 FROM ordered
-WHERE next_id IS NOT NULL AND next_created - created_utc <= $max_gap_s
-  AND abs(score - next_score) >= $min_score_diff
+WHERE next_id IS NOT NULL AND next_created::HUGEINT - created_utc <= $max_gap_s
+  AND abs(score::HUGEINT - next_score) >= $min_score_diff
 """
 
 # Direct replies of the partition's turns whose sentiment counts. (regexp '\S' rather than

@@ -99,13 +99,17 @@ class Encoder:
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as hf_logging
 
+        from ahf.model_folders import check_model_folder
+
         hf_logging.disable_progress_bar()  # "Loading weights" bars would mix into CLI output
 
         self.name = name or DEFAULT_ENCODER
         self.device = device or default_device()
         path = resolve_encoder(name)
+        check_model_folder(path)  # no code from the folder runs, no pickle is loaded
         try:
-            self.model = SentenceTransformer(path, device=self.device)
+            self.model = SentenceTransformer(path, device=self.device, trust_remote_code=False,
+                                             model_kwargs={"use_safetensors": True})
         except Exception as exc:  # offline hub lookups fail with many exception types
             raise UserError(f"cannot load encoder {self.name!r} ({path}): {exc}. "
                             "Pass a local model directory with --encoder") from exc

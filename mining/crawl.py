@@ -15,6 +15,7 @@ never part of the config, the report, the store or a log line.
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import logging
 import time
 from collections import Counter
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
@@ -145,9 +147,45 @@ def _counting_requestor():
 
         def request(self, *args, **kwargs):
             self.counter["requests"] += 1
-            return super().request(*args, **kwargs)
+            response = super().request(*args, **kwargs)
+            if response.status_code == 200 and response.url.split("?")[0].endswith(TOKEN_PATH):
+                _check_token_answer(response)
+            return response
 
     return CountingRequestor
+
+
+def _check_token_answer(response) -> None:
+    """A 200 from the token endpoint that holds no token (a proxy's or captive portal's page, a wrong
+    --reddit-url) is named with what came back; prawcore would fail on it with a JSON traceback."""
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict) and ("error" in payload or {"access_token", "expires_in", "scope"} <= payload.keys()):
+        return  # a token, or an OAuth error prawcore reports itself
+    start = " ".join(response.text[:160].split())
+    raise UserError(f"the token endpoint {response.url} answered HTTP 200 with "
+                    f"{response.headers.get('Content-Type', 'no content type')} ({len(response.content):,} bytes: "
+                    f"{start!r}) instead of a token; check --reddit-url (is a proxy or login page in the way?)")
+
+
+def _is_loopback(host: str | None) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
+def _require_https(reddit_config) -> None:
+    """The client secret (and a script app's password) go to these URLs: refused over plain http unless
+    they stay on this machine (loopback hosts, as a local stand-in for Reddit)."""
+    for name in ("reddit_url", "oauth_url"):
+        url = getattr(reddit_config, name)
+        parts = urlsplit(url)
+        if parts.scheme != "https" and not _is_loopback(parts.hostname):
+            raise UserError(f"{name} {url} is not https: the Reddit credentials would cross the network in clear "
+                            "text. Use https (plain http only to a loopback host: 127.0.0.1, localhost, ::1)")
 
 
 def connect(config: CrawlConfig, counter: Counter):
@@ -157,7 +195,7 @@ def connect(config: CrawlConfig, counter: Counter):
 
     urls = {k: v for k, v in (("oauth_url", config.oauth_url), ("reddit_url", config.reddit_url)) if v}
     try:
-        return praw.Reddit(
+        reddit = praw.Reddit(
             site_name=config.site,
             check_for_updates=False,
             timeout=config.timeout,
@@ -176,6 +214,8 @@ def connect(config: CrawlConfig, counter: Counter):
             "praw_user_agent in the environment, or put client_id / client_secret / user_agent in a praw.ini "
             "section and pass --site NAME (see docs/crawl.md)."
         ) from None
+    _require_https(reddit.config)  # as PRAW resolved them: flags, config or praw.ini
+    return reddit
 
 
 def _fatal(exc: Exception, config: CrawlConfig) -> UserError | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import threading
 import time
 from collections import Counter, deque
@@ -238,11 +239,17 @@ def _ingest_line_by_line(block: LineBlock, report: FileReport, rows: RowBuffer, 
         _add_record(record, f"{name}:{line_no}", report, rows, retrieved_default)
 
 
-def _add_record(record: dict | str, where: str, report: FileReport, rows: RowBuffer,
+def _add_walked(item: dict | str, where: str, report: FileReport, rows: RowBuffer,
                 retrieved_default: int | None) -> None:
-    if isinstance(record, str):  # a reason from the API walker (a `more` stub...)
-        report.skip(record, where)
+    """An item of mining.reddit_api.iter_document: a record, or the reason it yields for a stub."""
+    if isinstance(item, str):  # a reason from the API walker (a `more` stub...), never a record's value
+        report.skip(item, where)
         return
+    _add_record(item, where, report, rows, retrieved_default)
+
+
+def _add_record(record, where: str, report: FileReport, rows: RowBuffer, retrieved_default: int | None) -> None:
+    """One decoded value: a row, or a counted skip (a line that is a string, a number... is `not_an_object`)."""
     try:
         kind, row = normalize_record(record, retrieved_default)
     except SkipRecord as skip:
@@ -304,7 +311,7 @@ def _ingest_document(doc: Document, report: FileReport, batcher: _Batcher, name:
                      retrieved_default: int | None) -> None:
     for where, record in iter_document(doc.value):
         report.records_read += 1
-        _add_record(record, f"{name}:{where}", report, batcher.rows, retrieved_default)
+        _add_walked(record, f"{name}:{where}", report, batcher.rows, retrieved_default)
         batcher.maybe_flush()
 
 
@@ -315,7 +322,7 @@ def ingest_records(store: Store, records: Iterator[tuple[str, dict | str]], sour
     batcher = _Batcher(store, batch_rows)
     for where, record in records:
         report.records_read += 1
-        _add_record(record, f"{source}:{where}", report, batcher.rows, retrieved_default)
+        _add_walked(record, f"{source}:{where}", report, batcher.rows, retrieved_default)
         batcher.maybe_flush()
     batcher.close()
     return report
@@ -330,9 +337,16 @@ def ingest(paths: Iterable[str | Path], store_dir: str | Path, batch_rows: int =
     started = time.perf_counter()
     report = IngestReport()
     with Store(store_dir) as store:
-        with ParserPool(parse_threads()) as parsers, _bulk_load(store):
-            for path in files:
-                report.files.append(ingest_file(store, path, batch_rows, on_bytes=progress, parsers=parsers))
+        # the parsers' pipes live in the store: a run killed with -9 leaves them to the next run to remove
+        scratch = store.path / ".tmp"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir()
+        try:
+            with ParserPool(parse_threads(), scratch) as parsers, _bulk_load(store):
+                for path in files:
+                    report.files.append(ingest_file(store, path, batch_rows, on_bytes=progress, parsers=parsers))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         report.store = summary_counts(store)
         if rebuild:
             report.turns = rebuild_turns(store, turn_config)

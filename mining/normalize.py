@@ -30,11 +30,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mining.schema import COMMENT_SCHEMA, POST_SCHEMA, empty_table
+from mining.schema import COMMENT_SCHEMA, POST_SCHEMA, empty_table, int_ranges
 
 COMMENT, POST = "comment", "post"
 _RETRIEVAL_FIELDS = ("retrieved_on", "retrieved_utc")
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # the store's BIGINT
 
 
 class SkipRecord(Exception):
@@ -107,7 +106,8 @@ def _to_table(rows: list[tuple], schema: pa.Schema) -> pa.Table:
 
 # ---------------------------------------------------------------- one record at a time
 
-def _int(record: dict, key: str, required: bool = False) -> int | None:
+def _int(record: dict, key: str, ranges: dict[str, tuple[int, int]], required: bool = False) -> int | None:
+    """An integer field: an int, a float or a numeric string, floored; outside `ranges[key]` a skip."""
     value = record.get(key)
     if value is None or value == "":
         if required:
@@ -116,24 +116,31 @@ def _int(record: dict, key: str, required: bool = False) -> int | None:
     if isinstance(value, bool):
         raise SkipRecord(f"bad_type:{key}")
     if isinstance(value, int):
-        if not _INT64_MIN <= value <= _INT64_MAX:
-            raise SkipRecord(f"bad_value:{key}")
-        return value
-    try:
-        number = float(value)  # float or numeric string ("1134365188", "1.5e9")
-    except (TypeError, ValueError):
-        raise SkipRecord(f"bad_type:{key}") from None
-    if not math.isfinite(number):
-        raise SkipRecord(f"bad_type:{key}")
-    whole = math.floor(number)
-    if not _INT64_MIN <= whole <= _INT64_MAX:
+        whole = value
+    else:
+        try:
+            number = float(value)  # float or numeric string ("1134365188", "1.5e9")
+        except (TypeError, ValueError):
+            raise SkipRecord(f"bad_type:{key}") from None
+        if not math.isfinite(number):
+            raise SkipRecord(f"bad_type:{key}")
+        whole = math.floor(number)
+    lowest, highest = ranges[key]
+    if not lowest <= whole <= highest:
         raise SkipRecord(f"bad_value:{key}")
     return whole
 
 
 def _str(record: dict, key: str) -> str | None:
     value = record.get(key)
-    if value is None or isinstance(value, str):
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate (documents read by the standard library)
+                raise SkipRecord(f"bad_value:{key}") from None
+        return value
+    if value is None:
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
@@ -161,11 +168,11 @@ def _fullname(value: str | None, prefix: str, key: str) -> str:
     raise SkipRecord(f"bad_value:{key}")
 
 
-def _retrieved(record: dict) -> int | None:
-    stamps = [_int(record, k) for k in _RETRIEVAL_FIELDS]
+def _retrieved(record: dict, ranges: dict[str, tuple[int, int]]) -> int | None:
+    stamps = [_int(record, k, ranges) for k in _RETRIEVAL_FIELDS]
     meta = record.get("_meta")
     if isinstance(meta, dict):
-        stamps.append(_int(meta, "retrieved_2nd_on"))
+        stamps.append(_int(meta, "retrieved_2nd_on", ranges))
     stamps = [s for s in stamps if s is not None]
     return max(stamps) if stamps else None
 
@@ -195,9 +202,10 @@ def normalize_record(record: Any, retrieved_default: int | None = None) -> tuple
     kind = record_kind(record)
     if kind is None:
         raise SkipRecord("unknown_kind")
+    ranges = int_ranges()
     rid = _record_id(record)
-    created = _int(record, "created_utc", required=True)
-    retrieved = _retrieved(record)
+    created = _int(record, "created_utc", ranges, required=True)
+    retrieved = _retrieved(record, ranges)
     if retrieved is None:
         retrieved = retrieved_default
     if kind == COMMENT:
@@ -207,7 +215,7 @@ def normalize_record(record: Any, retrieved_default: int | None = None) -> tuple
             _fullname(_str(record, "parent_id"), "", "parent_id"),
             _str(record, "author"),
             _str(record, "body"),
-            _int(record, "score"),
+            _int(record, "score", ranges),
             created,
             _str(record, "subreddit"),
             _str(record, "distinguished"),
@@ -219,11 +227,11 @@ def normalize_record(record: Any, retrieved_default: int | None = None) -> tuple
         _str(record, "title"),
         _str(record, "selftext"),
         _str(record, "author"),
-        _int(record, "score"),
+        _int(record, "score", ranges),
         created,
         _str(record, "subreddit"),
         _bool(record, "over_18"),
-        _int(record, "num_comments"),
+        _int(record, "num_comments", ranges),
         _str(record, "link_flair_text"),
         _str(record, "url"),
         retrieved,
@@ -249,10 +257,12 @@ def _text_ok(col: str) -> str:
 
 
 # An integer field takes up to 15 digits, as a JSON number or a string: `normalize_record` gives the
-# same int for both (below 2**53 a string's float is exact). Anything else ("", 1.5, "1e3") goes to
-# the record path, which floors, rejects or counts it.
-def _int_ok(col: str) -> str:
-    return _unless_null(col, f"regexp_full_match({col}, '-?[0-9]{{1,15}}')")
+# same int for both (below 2**53 a string's float is exact), and inside the field's valid range.
+# Anything else ("", 1.5, "1e3", out of range) goes to the record path, which floors, rejects or counts it.
+def _int_ok(col: str, ranges: dict[str, tuple[int, int]]) -> str:
+    lowest, highest = ranges[col.rsplit(".", 1)[-1]]
+    return _unless_null(col, f"regexp_full_match({col}, '-?[0-9]{{1,15}}') "
+                             f"AND TRY_CAST({col} AS BIGINT) BETWEEN {lowest} AND {highest}")
 
 
 def _sql_int(col: str) -> str:
@@ -270,42 +280,49 @@ def _sql_flag(col: str) -> str:
 
 
 # created_utc is required: an integer, or a decimal that both sides floor from the same double.
-_CREATED_OK = r"regexp_full_match(created_utc, '-?[0-9]{1,15}(\.[0-9]+)?')"
 _CREATED = ("CASE WHEN contains(created_utc, '.') THEN TRY_CAST(floor(TRY_CAST(created_utc AS DOUBLE)) AS BIGINT) "
             "ELSE TRY_CAST(created_utc AS BIGINT) END")
 _STAMPS = ("retrieved_on", "retrieved_utc", "_meta.retrieved_2nd_on")
-_STAMPS_OK = " AND ".join(_int_ok(c) for c in _STAMPS)
 _RETRIEVED = f"greatest({', '.join(_sql_int(c) for c in _STAMPS)})"  # NULLs are skipped, as in _retrieved
 _ID_OK = f"id <> '' AND {_text_ok('id')}"  # an empty id makes the record path look for `name`
 _LINK_OK = ("CASE WHEN prefix(link_id, 't1_') OR prefix(link_id, 't3_') THEN true "
             f"ELSE link_id <> '' AND {_text_ok('link_id')} END")  # a bare link id means a post
 _LINK = "CASE WHEN prefix(link_id, 't1_') OR prefix(link_id, 't3_') THEN link_id ELSE 't3_' || link_id END"
 _PARENT_OK = "(prefix(parent_id, 't1_') OR prefix(parent_id, 't3_'))"  # a bare parent id is ambiguous
-
-_COMMENT_OK = " AND ".join([
-    _ID_OK, _LINK_OK, _PARENT_OK, _CREATED_OK, _STAMPS_OK, _int_ok("score"), _flag_ok("stickied"),
-    *(_text_ok(c) for c in ("author", "body", "subreddit", "distinguished")),
-])
-_POST_OK = " AND ".join([
-    _ID_OK, _CREATED_OK, _STAMPS_OK, _int_ok("score"), _int_ok("num_comments"), _flag_ok("over_18"),
-    *(_text_ok(c) for c in ("title", "selftext", "author", "subreddit", "link_flair_text", "url")),
-])
 _KEYS = ("id", "title", "selftext", "body", "link_id", "parent_id", "author", "score", "created_utc",
          "subreddit", "distinguished", "stickied", "over_18", "num_comments", "link_flair_text", "url",
          "retrieved_on", "retrieved_utc")
 _COLUMNS = "{" + ", ".join(f"'{k}': 'VARCHAR'" for k in _KEYS) + ", '_meta': 'STRUCT(retrieved_2nd_on VARCHAR)'}"
-# The store columns of both kinds, then the record kind as `record_kind` decides it, and whether the
-# fast path may keep the row.
-_SELECT = f"""
+
+
+def _select_sql(path: str, ranges: dict[str, tuple[int, int]]) -> str:
+    """The block statement: the store columns of both kinds, then the record kind as `record_kind`
+    decides it, and whether the fast path may keep the row (every check `normalize_record` makes)."""
+    lowest, highest = ranges["created_utc"]
+    created_ok = (f"regexp_full_match(created_utc, '-?[0-9]{{1,15}}(\\.[0-9]+)?') "
+                  f"AND {_CREATED} BETWEEN {lowest} AND {highest}")
+    stamps_ok = " AND ".join(_int_ok(c, ranges) for c in _STAMPS)
+    comment_ok = " AND ".join([
+        _ID_OK, _LINK_OK, _PARENT_OK, created_ok, stamps_ok, _int_ok("score", ranges), _flag_ok("stickied"),
+        *(_text_ok(c) for c in ("author", "body", "subreddit", "distinguished")),
+    ])
+    post_ok = " AND ".join([
+        _ID_OK, created_ok, stamps_ok, _int_ok("score", ranges), _int_ok("num_comments", ranges),
+        _flag_ok("over_18"),
+        *(_text_ok(c) for c in ("title", "selftext", "author", "subreddit", "link_flair_text", "url")),
+    ])
+    return f"""
 SELECT id, title, selftext, body, {_LINK} AS link_id, parent_id, author, {_sql_int('score')} AS score,
        {_CREATED} AS created_utc, subreddit, distinguished, {_sql_flag('stickied')} AS stickied,
        {_sql_flag('over_18')} AS over_18, {_sql_int('num_comments')} AS num_comments, link_flair_text, url,
        {_RETRIEVED} AS retrieved_utc, title IS NOT NULL AS is_post,
-       coalesce(CASE WHEN title IS NOT NULL THEN {_POST_OK}
-                     WHEN body IS NOT NULL OR parent_id IS NOT NULL THEN {_COMMENT_OK}
+       coalesce(CASE WHEN title IS NOT NULL THEN {post_ok}
+                     WHEN body IS NOT NULL OR parent_id IS NOT NULL THEN {comment_ok}
                      ELSE false END, false) AS ok
-FROM read_json('{{path}}', format = 'newline_delimited', compression = 'none', columns = {_COLUMNS})
+FROM read_json('{path.replace("'", "''")}', format = 'newline_delimited', compression = 'none', columns = {_COLUMNS})
 """
+
+
 _F_SETPIPE_SZ = 1031  # Linux: a 1 MiB pipe buffer means fewer switches between the two ends
 
 
@@ -349,13 +366,14 @@ class ParsedBlock:
 class BlockParser:
     """Parses NDJSON blocks with DuckDB's JSON reader: an in-memory connection reading a private FIFO.
 
-    Use as a context manager (it owns a temporary directory with the FIFO) from one thread. Where
-    the OS has no named pipes (Windows) each block is written to a file there instead: one block
-    (≈ 16 MiB) on disk at a time, never the decompressed dump.
+    Use as a context manager (it owns a temporary directory with the FIFO, under `tmp_root`: the
+    ingest puts it inside the store, which a later ingest cleans after a kill -9) from one thread.
+    Where the OS has no named pipes (Windows) each block is written to a file there instead: one
+    block (≈ 16 MiB) on disk at a time, never the decompressed dump.
     """
 
-    def __init__(self) -> None:
-        self._dir = tempfile.mkdtemp(prefix="ahf-blocks-")
+    def __init__(self, tmp_root: str | os.PathLike | None = None) -> None:
+        self._dir = tempfile.mkdtemp(prefix="ahf-blocks-", dir=tmp_root)
         self._fifo = os.path.join(self._dir, "block.ndjson")
         self.uses_pipe = hasattr(os, "mkfifo")
         if self.uses_pipe:
@@ -367,9 +385,9 @@ class BlockParser:
         self._con.execute("SET threads = 1")
         self._con.execute("SET enable_progress_bar = false")
         self._con.execute("SET enable_external_file_cache = false")
-        # prepared once: planning this statement costs more than reading a small block
-        path = self._fifo.replace("'", "''")
-        self._con.execute("PREPARE parse_block AS " + _SELECT.replace("{path}", path))
+        # prepared once: planning this statement costs more than reading a small block; the stamps'
+        # upper bound is this parser's clock, as the record path's is its own
+        self._con.execute("PREPARE parse_block AS " + _select_sql(self._fifo, int_ranges()))
 
     def __enter__(self) -> BlockParser:
         return self
@@ -445,11 +463,11 @@ class ParserPool:
     (DuckDB holds no GIL while it reads). `submit` returns a future of `BlockParser.parse`'s result;
     the caller consumes the futures in submission order. Use as a context manager."""
 
-    def __init__(self, size: int = 1) -> None:
+    def __init__(self, size: int = 1, tmp_root: str | os.PathLike | None = None) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.size = max(1, size)
-        self._parsers = [BlockParser() for _ in range(self.size)]
+        self._parsers = [BlockParser(tmp_root) for _ in range(self.size)]
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         for parser in self._parsers:
             self._free.put(parser)

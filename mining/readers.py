@@ -13,10 +13,11 @@ written with a 2 GiB window needs a buffer of min(2 GiB, decompressed size), as 
 from __future__ import annotations
 
 import bz2
-import gzip
+import json
 import lzma
 import queue
 import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -27,6 +28,8 @@ import orjson
 import zstandard
 
 BLOCK_BYTES = 16 << 20  # decompressed bytes per block handed to the parser
+DOCUMENT_MAX_BYTES = 1 << 30  # a JSON document is read whole: API responses and cassettes are far smaller
+_SNIFF_LINES = 16  # lines looked at to tell NDJSON from a pretty-printed document
 _COMPRESSED_READ_MAX = 1 << 20
 _DECODED_PER_CALL_MAX = 4 << 20
 _QUEUE_BLOCKS = 2  # blocks decompressed ahead of the parser: bounds memory
@@ -68,40 +71,51 @@ class Document:
     value: Any
 
 
+_MAGIC = {"zstd": _ZSTD_MAGIC, "gzip": b"\x1f\x8b", "bz2": b"BZh", "xz": b"\xfd7zXZ\x00"}
+_SUFFIX = {".zst": "zstd", ".zstd": "zstd", ".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}
+
+
 def compression_of(path: Path) -> str:
+    """The compression by magic bytes; a name that promises one the bytes do not carry is an error
+    (random bytes named `.zst` are not text to read line by line)."""
     with open(path, "rb") as fh:
         head = fh.read(6)
-    if head.startswith(_ZSTD_MAGIC):
-        return "zstd"
-    if head.startswith(b"\x1f\x8b"):
-        return "gzip"
-    if head.startswith(b"BZh"):
-        return "bz2"
-    if head.startswith(b"\xfd7zXZ\x00"):
-        return "xz"
-    return "none"
+    kind = next((name for name, magic in _MAGIC.items() if head.startswith(magic)), "none")
+    promised = _SUFFIX.get(path.suffix.lower())
+    if promised and kind != promised:
+        raise InputError(f"{path}: named as {promised} but not {promised}-compressed "
+                         f"(its first bytes are {head.hex(' ') or 'none: the file is empty'})")
+    return kind
 
 
-class _ZstdStream:
-    """python-zstandard stream that raises on a truncated final frame instead of ending quietly.
+def _decompressor(kind: str):
+    """A fresh streaming decompressor: `decompress(data)`, `eof`, `unused_data` (one frame / member / stream)."""
+    if kind == "zstd":
+        return zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj()
+    if kind == "gzip":
+        return zlib.decompressobj(wbits=31)
+    if kind == "bz2":
+        return bz2.BZ2Decompressor()
+    return lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
 
-    `read` returns at least `size` bytes (more when one compressed chunk expands past it) so that
-    the decompressed output is copied once, into the joined result, and never re-buffered.
+
+class _Decompressed:
+    """A compressed file as a stream of decompressed parts that raises on damage, after handing out
+    what was decoded before it (a truncated gzip, bz2, xz or zstd file keeps its records up to there).
+
+    Concatenated frames (zstd), members (gzip) and streams (bz2, xz) go on in a fresh decompressor.
+    `read_parts` returns at least `size` bytes (more when one compressed chunk expands past it) so that
+    the output is copied once, into the joined result, and never re-buffered.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, kind: str):
         self._raw = open(path, "rb")
-        self._decompressor = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
-        self._obj = self._decompressor.decompressobj()
+        self._kind, self._path = kind, path
+        self._obj = _decompressor(kind)
         self._frame_open = False  # the current frame has input but has not ended yet
         self._read_size: int | None = None  # compressed bytes per decompress call, adapted
-        self._path = path
         self._done = False
         self._error: InputError | None = None
-
-    def read(self, size: int) -> bytes:
-        parts = self.read_parts(size)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def read_parts(self, size: int) -> list[bytes]:
         """At least `size` decompressed bytes (fewer at the end), as the decompressor returned them."""
@@ -113,19 +127,21 @@ class _ZstdStream:
             self._read_size = max(4096, min(64 << 10, size // 16))
         while have < size and not self._done:
             chunk = self._raw.read(self._read_size)
+            try:
+                out = self._feed(chunk) if chunk else b""
+            except InputError as error:
+                self._fail(error, parts)
+                break
             if not chunk:
                 if self._frame_open:
-                    error = InputError(f"{self._path}: truncated zstd stream at byte {self._raw.tell()}")
-                    if not parts:
-                        raise error
-                    self._error = error  # hand out what was decoded first; raise on the next read
+                    self._fail(InputError(f"{self._path}: truncated {self._kind} stream at byte "
+                                          f"{self._raw.tell()}"), parts)
                 self._done = True
                 break
-            out = self._feed(chunk)
             if out:
                 parts.append(out)
                 have += len(out)
-            # decompressobj has no output limit: keep each call's output near 1-4 MiB (a quarter
+            # decompressors have no output limit: keep each call's output near 1-4 MiB (a quarter
             # of a small block) by feeding less input when the data compresses well
             target = min(_DECODED_PER_CALL_MAX, max(size // 4, 4096))
             if len(out) > target and self._read_size > 4096:
@@ -134,36 +150,38 @@ class _ZstdStream:
                 self._read_size *= 2
         return parts
 
+    def _fail(self, error: InputError, parts: list) -> None:
+        """Raise now if nothing was decoded in this call, else hand out `parts` and raise on the next."""
+        self._done = True
+        if not parts:
+            raise error
+        self._error = error
+
     def _feed(self, data: bytes) -> bytes:
         outputs = []
         while data:
             try:
                 outputs.append(self._obj.decompress(data))
-            except zstandard.ZstdError as exc:
-                raise InputError(f"{self._path}: corrupt zstd data near byte {self._raw.tell()}: {exc}") from exc
+            except (zstandard.ZstdError, zlib.error, OSError, EOFError, lzma.LZMAError) as exc:
+                raise InputError(f"{self._path}: corrupt {self._kind} data near byte {self._raw.tell()}: "
+                                 f"{exc}") from exc
             self._frame_open = not self._obj.eof
             if self._frame_open:
                 break
-            # a frame ended: concatenated frames go on in a fresh decompressor
+            # a frame ended: what follows starts the next one (or is padding, for gzip's trailing zeros)
             data = self._obj.unused_data
-            self._obj = self._decompressor.decompressobj()
+            if self._kind == "gzip" and not data.strip(b"\x00"):
+                break
+            self._obj = _decompressor(self._kind)
         return outputs[0] if len(outputs) == 1 else b"".join(outputs)
 
     def close(self) -> None:
         self._raw.close()
 
 
-def open_decompressed(path: Path) -> IO[bytes] | _ZstdStream:
+def open_decompressed(path: Path) -> _Decompressed | IO[bytes]:
     kind = compression_of(path)
-    if kind == "zstd":
-        return _ZstdStream(path)
-    if kind == "gzip":
-        return gzip.open(path, "rb")
-    if kind == "bz2":
-        return bz2.open(path, "rb")
-    if kind == "xz":
-        return lzma.open(path, "rb")
-    return open(path, "rb")
+    return open(path, "rb") if kind == "none" else _Decompressed(path, kind)
 
 
 def _read(stream, size: int, path: Path) -> bytes:
@@ -173,15 +191,13 @@ def _read(stream, size: int, path: Path) -> bytes:
 
 def _read_parts(stream, size: int, path: Path) -> list[bytes]:
     """At least `size` bytes (fewer at the end; [] at the end) without joining the decoder's outputs."""
+    if isinstance(stream, _Decompressed):
+        return stream.read_parts(size)
     try:
-        if isinstance(stream, _ZstdStream):
-            return stream.read_parts(size)
         data = stream.read(size)
-        return [data] if data else []
-    except InputError:
-        raise
-    except (EOFError, OSError, lzma.LZMAError, zstandard.ZstdError) as exc:
-        raise InputError(f"{path}: compressed stream ended early or is corrupt: {exc}") from exc
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read: {exc}") from exc
+    return [data] if data else []
 
 
 def _items(path: Path, block_bytes: int) -> Iterator[LineBlock | bytes]:
@@ -200,12 +216,15 @@ def _items(path: Path, block_bytes: int) -> Iterator[LineBlock | bytes]:
             head += chunk
             if not chunk:
                 break
-        start = head.lstrip()[:1]
-        if start == b"[" or (start == b"{" and _is_document(head)):
-            rest = []
+        if _is_document(head, ended=not chunk):
+            rest, size = [], len(head)
             while chunk:
                 chunk = _read(stream, block_bytes, path)
                 rest.append(chunk)
+                size += len(chunk)
+                if size > DOCUMENT_MAX_BYTES:
+                    raise InputError(f"{path}: a JSON document over {DOCUMENT_MAX_BYTES >> 20} MiB; documents are "
+                                     "read whole: convert it to NDJSON (one record per line)")
             yield b"".join([head, *rest])
             return
         pending: list[bytes | memoryview] = [head] if head else []
@@ -296,21 +315,52 @@ def read_items(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[LineBlock
             yield Document(_load_document(item, path))
 
 
-def _is_document(head: bytes) -> bool:
-    """A JSON object is a document (not an NDJSON record) if it spans lines or is an API envelope."""
-    first = head.lstrip().split(b"\n", 1)[0]
+def _is_document(head: bytes, ended: bool) -> bool:
+    """Whether the file is one JSON document rather than NDJSON, from its first lines (`head`, the
+    whole file when `ended`), so that one bad line never decides it:
+
+    - one line: a document when it is an array or an API envelope (`kind` + `data`, a cassette's
+      `interactions`, `/api/morechildren`'s `json`); a record or a bad line is NDJSON;
+    - several lines: a document only when none of the first `_SNIFF_LINES` parses on its own as an
+      object (pretty-printed JSON has lines such as `"kind": "t1",` or a lone `"text"`); a line that
+      does makes it NDJSON, whatever line 1 holds.
+    """
+    if head.lstrip()[:1] not in (b"[", b"{"):
+        return False
+    lines = head.split(b"\n", _SNIFF_LINES)
+    complete = lines if ended and len(lines) <= _SNIFF_LINES else lines[:-1]  # the last may be cut short
+    candidates = [line for line in complete if line.strip()]
+    if not candidates:
+        return True  # a first line longer than a whole block: no NDJSON record is that long
+    values = [_parsed(line) for line in candidates]
+    if len(candidates) == 1:
+        value = values[0]
+        return isinstance(value, list) or isinstance(value, dict) and (
+            "kind" in value and "data" in value or "interactions" in value or "json" in value)
+    return not any(isinstance(value, dict) for value in values)
+
+
+_UNPARSED = object()
+
+
+def _parsed(line: bytes):
     try:
-        value = orjson.loads(first)
-    except orjson.JSONDecodeError:
-        return True  # pretty-printed over several lines
-    return isinstance(value, dict) and ("kind" in value and "data" in value or "interactions" in value
-                                        or "json" in value)
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:  # also deeper than orjson's nesting limit
+        return _UNPARSED
 
 
 def _load_document(data: bytes, path: Path) -> Any:
     try:
         return orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
+    except orjson.JSONDecodeError:
+        pass
+    # A lone surrogate escape ("\ud800") or a NaN in one record must not lose the whole document: the
+    # standard library reads both, and the record that holds one is skipped or has it checked as any
+    # value (mining.normalize). What neither reads is an error for the file.
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
         raise InputError(f"{path}: not valid JSON: {exc}") from exc
 
 

@@ -26,6 +26,8 @@ the top-level comment down to the parent, the non-empty ones joined by `CONTEXT_
 
 from __future__ import annotations
 
+import time
+
 import pyarrow as pa
 
 COMMENT_SCHEMA = pa.schema(
@@ -130,6 +132,21 @@ PAIR_SCHEMA = pa.schema(
 
 SCHEMAS = {"posts": POST_SCHEMA, "comments": COMMENT_SCHEMA, "turns": TURN_SCHEMA, "acts": ACT_SCHEMA,
            "act_types": ACT_TYPE_SCHEMA, "labels": LABEL_SCHEMA, "pairs": PAIR_SCHEMA}
+
+# The valid range of every integer a record brings (docs/store.md). Outside it the record is skipped
+# and counted as `bad_value:<field>`, so that no stored value can overflow a later stage's arithmetic.
+FIRST_UTC = 1_117_584_000  # 2005-06-01 00:00 UTC: Reddit opened on 2005-06-23
+CLOCK_SLACK_S = 86_400  # a stamp may lie this far past the ingesting machine's clock
+SCORE_RANGE = (-(2**31), 2**31 - 1)  # int32: real scores stay within about +-10^6
+COUNT_RANGE = (0, 2**31 - 1)
+
+
+def int_ranges(now: float | None = None) -> dict[str, tuple[int, int]]:
+    """{field: (lowest, highest)} for the integer fields of a record, timestamps bounded by `now`."""
+    stamps = (FIRST_UTC, int(time.time() if now is None else now) + CLOCK_SLACK_S)
+    return {"created_utc": stamps, "retrieved_on": stamps, "retrieved_utc": stamps, "retrieved_2nd_on": stamps,
+            "score": SCORE_RANGE, "num_comments": COUNT_RANGE}
+
 
 # Columns a newer retrieval may change; everything else is fixed at creation.
 MUTABLE_COMMENT_COLUMNS = ("author", "body", "score", "distinguished", "stickied", "retrieved_utc")

@@ -131,9 +131,10 @@ SELECT
   len(k.ancestor_ids) + 1 AS depth,
   k.score,
   k.created_utc,
-  k.created_utc - k.post_created_utc AS delay_post_s,
-  k.created_utc - CASE WHEN starts_with(k.parent_id, 't3_') THEN k.post_created_utc
-                       ELSE k.parent_created_utc END AS delay_parent_s,
+  -- differences in HUGEINT: a store written before ingest bounded stamps may hold any BIGINT
+  TRY_CAST(k.created_utc::HUGEINT - k.post_created_utc AS BIGINT) AS delay_post_s,
+  TRY_CAST(k.created_utc::HUGEINT - CASE WHEN starts_with(k.parent_id, 't3_') THEN k.post_created_utc
+                                         ELSE k.parent_created_utc END AS BIGINT) AS delay_parent_s,
   s.sibling_rank,
   s.n_siblings,
   coalesce(kids.n_children, 0) AS n_children,

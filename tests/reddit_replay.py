@@ -20,7 +20,8 @@ How requests are answered:
   `after`. The cassettes hold no subreddit listing for their threads, and the crawl needs one to
   start from. It is the only response this server makes up besides the token.
 - Tests may add headers to answers (`extra_headers`, e.g. X-Ratelimit-*) or replace an answer by an
-  error status (`fail_with`, e.g. 429); both are plain callables of (method, path).
+  error status (`fail_with`, e.g. 429); both are plain callables of (method, path). `token_answer`
+  (status, content type, body) replaces the token, e.g. by a proxy's HTML login page.
 - Anything else gets a 404 with a JSON error body and is kept in `unmatched`, so a test can
   assert that the crawl asked for nothing the recording does not hold.
 """
@@ -123,13 +124,15 @@ class RedditReplay:
 
     def __init__(self, cassettes: list[Path], client_id: str | None = None, client_secret: str | None = None,
                  extra_headers: Callable[[str, str], dict[str, str]] | None = None,
-                 fail_with: Callable[[str, str], int | None] | None = None):
+                 fail_with: Callable[[str, str], int | None] | None = None,
+                 token_answer: tuple[int, str, bytes] | None = None):
         self.routes = _load(cassettes)
         self.credentials = (client_id, client_secret) if client_id else None
         # (method, path) -> headers added to that answer, e.g. X-Ratelimit-* to exercise prawcore's limiter
         self.extra_headers = extra_headers or (lambda method, path: {})
         # (method, path) -> an error status to answer instead (e.g. 429 Too Many Requests), or None
         self.fail_with = fail_with or (lambda method, path: None)
+        self.token_answer = token_answer  # (status, content type, body) answered instead of a token
         self.token = secrets.token_hex(16)
         self.exchanges: list[Exchange] = []
         self._lock = threading.Lock()
@@ -181,6 +184,9 @@ class RedditReplay:
         return rec.status, rec.headers, rec.body, True
 
     def _token(self, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes, bool]:
+        if self.token_answer is not None:
+            status, content_type, body = self.token_answer
+            return status, {"Content-Type": content_type}, body, True
         if self.credentials is not None:
             auth = headers.get("authorization", "")
             try:

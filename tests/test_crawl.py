@@ -14,7 +14,7 @@ import pytest
 
 from ahf.cli import main
 from ahf.console import UserError
-from mining.crawl import CrawlConfig, crawl, parse_since
+from mining.crawl import CrawlConfig, _is_loopback, crawl, parse_since
 from mining.ingest import ingest
 from mining.store import Store
 
@@ -246,3 +246,48 @@ def test_too_many_requests_stops_the_crawl_resumably(praw_env, shared_data, tmp_
         result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["submissions"]["crawled"] == 1 and result["comments"] == 541
     assert result["newest_created_utc"] == POST_CREATED
+
+
+@pytest.mark.parametrize("content_type, body, says", [
+    ("text/html; charset=utf-8", b"<!DOCTYPE html>\n<html><head><title>Hotel Wi-Fi: sign in</title></head></html>",
+     "Hotel Wi-Fi: sign in"),
+    ("application/json", b'{"kind": "not a token"}', "not a token"),
+])
+def test_token_endpoint_answering_something_else_is_named(content_type, body, says, praw_env, shared_data, tmp_path,
+                                                          capsys):
+    """A proxy's login page (or any 200 that is no token) on the token endpoint: a message naming the
+    endpoint and what came back, not prawcore's JSONDecodeError / KeyError traceback."""
+    store_dir = tmp_path / "store"
+    with RedditReplay([shared_data / CASSETTE], CLIENT_ID, CLIENT_SECRET,
+                      token_answer=(200, content_type, body)) as server:
+        code = main(_cli(server, store_dir, "--subreddit", "funny", "--json"))
+        token_url = server.url + "/api/v1/access_token"
+    captured = capsys.readouterr()
+    err = " ".join(captured.err.split())
+    assert code == 2 and captured.out == ""
+    assert token_url in err and content_type.split(";")[0] in err and says in err and "--reddit-url" in err
+    assert [e.path for e in server.exchanges] == ["/api/v1/access_token"]
+    _assert_no_secret(err)
+
+
+def test_credentials_go_over_https_or_stay_on_this_machine(praw_env, shared_data, tmp_path, capsys):
+    """Plain http is refused unless the host is loopback (the replay server's 127.0.0.1 passes above),
+    whether the URL comes from a flag or from praw.ini."""
+    store_dir = tmp_path / "store"
+    (tmp_path / "praw.ini").write_text("[plain]\noauth_url=http://oauth.reddit.test\n")  # read once per process
+    praw_env.setenv("PRAW_ALLOW_ENDPOINT_OVERRIDE", "1")  # PRAW's own warning about that praw.ini
+    code = main(["crawl", "--subreddit", "funny", "--store", str(store_dir),
+                 "--oauth-url", "https://oauth.reddit.test", "--reddit-url", "http://www.reddit.test:8080"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "http://www.reddit.test:8080 is not https" in err and "loopback" in err
+    code = main(["crawl", "--subreddit", "funny", "--store", str(store_dir), "--site", "plain"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "http://oauth.reddit.test is not https" in err
+    # a loopback host passes: the replay server by the name localhost
+    with RedditReplay([shared_data / CASSETTE], CLIENT_ID, CLIENT_SECRET) as server:
+        local = server.url.replace("127.0.0.1", "localhost")
+        code = main(["crawl", "--subreddit", "funny", "--store", str(store_dir), "--max-requests", "2",
+                     "--oauth-url", local, "--reddit-url", local])
+        assert code == 0 and [e.path for e in server.exchanges] == ["/api/v1/access_token", "/r/funny/new"]
+    assert [_is_loopback(h) for h in ("localhost", "127.0.0.2", "::1", "10.0.0.1", "reddit.com", None)] == \
+        [True, True, True, False, False, False]

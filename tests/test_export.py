@@ -192,3 +192,36 @@ def test_reward_trainer_reads_the_pairs(funny, tmp_path, shared_data):
     assert result.global_step == 4
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 4 and all(loss == loss and loss > 0 for loss in losses)
+
+
+@pytest.mark.parametrize("manifest", ["", "not json", "[]", '{"report": {}}', '{"provenance": {}}'])
+def test_force_needs_a_manifest_an_export_wrote(manifest, funny, tmp_path):
+    """An empty, broken or foreign `.ahf-export.json` does not make a folder an export: --force refuses it."""
+    folder = tmp_path / "home"
+    folder.mkdir()
+    (folder / MANIFEST).write_text(manifest)
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not an ahf export manifest") as refused:
+        export_dataset(funny, "pairs", folder, force=True)
+    assert str(folder / MANIFEST) in str(refused.value)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([MANIFEST, "notes.txt"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+
+
+def test_symlinked_out_is_refused_and_nothing_is_left_behind(funny, tmp_path, capsys):
+    target = tmp_path / "exports-2024"
+    export_dataset(funny, "sft", target)
+    before = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
+    link = tmp_path / "latest"
+    link.symlink_to(target, target_is_directory=True)
+    code = ahf_main(["export", "--store", str(funny), "--format", "pairs", "--out", str(link), "--force"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and f"--out {link} is a symbolic link" in err and str(target) in err
+    assert link.is_symlink() and link.resolve() == target
+    assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exports-2024", "latest"]
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere", target_is_directory=True)
+    with pytest.raises(UserError, match="is a symbolic link"):
+        export_dataset(funny, "pairs", dangling)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "exports-2024", "latest"]

@@ -17,7 +17,7 @@ from mining.ingest import ingest
 from mining.store import Store
 from mining.turns import build_turns
 
-T0 = 1_000_000
+T0 = 1_500_000_000  # 2017: the store refuses stamps from before Reddit opened
 
 
 def _post(pid, score, sub, author="op"):

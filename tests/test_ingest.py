@@ -91,19 +91,22 @@ def _write_ndjson(path: Path, records: list[dict]) -> Path:
     return path
 
 
+T = 1_500_000_000  # a realistic stamp (2017): the store refuses any before Reddit opened
+
+
 def test_newest_retrieval_wins_in_either_order(tmp_path):
-    base = {"id": "c1", "link_id": "t3_p1", "parent_id": "t3_p1", "author": "a", "created_utc": 100, "subreddit": "s"}
-    old = _write_ndjson(tmp_path / "old.ndjson", [{**base, "body": "first", "score": 1, "retrieved_on": 200}])
-    new = _write_ndjson(tmp_path / "new.ndjson", [{**base, "body": "edited", "score": 9, "retrieved_on": 900}])
+    base = {"id": "c1", "link_id": "t3_p1", "parent_id": "t3_p1", "author": "a", "created_utc": T + 100, "subreddit": "s"}
+    old = _write_ndjson(tmp_path / "old.ndjson", [{**base, "body": "first", "score": 1, "retrieved_on": T + 200}])
+    new = _write_ndjson(tmp_path / "new.ndjson", [{**base, "body": "edited", "score": 9, "retrieved_on": T + 900}])
     for order, store in (([old, new], "s1"), ([new, old], "s2")):
         ingest(order, tmp_path / store)
         with Store(tmp_path / store, read_only=True) as s:
             assert s.con.execute("SELECT body, score FROM comments").fetchall() == [("edited", 9)]
     # within one file, the newer copy wins too, and an equal stamp goes to the later line
     same = _write_ndjson(tmp_path / "same.ndjson", [
-        {**base, "body": "b1", "score": 1, "retrieved_on": 500},
-        {**base, "body": "b2", "score": 2, "retrieved_on": 400},
-        {**base, "body": "b3", "score": 3, "retrieved_on": 500},
+        {**base, "body": "b1", "score": 1, "retrieved_on": T + 500},
+        {**base, "body": "b2", "score": 2, "retrieved_on": T + 400},
+        {**base, "body": "b3", "score": 3, "retrieved_on": T + 500},
     ])
     ingest([same], tmp_path / "s3")
     with Store(tmp_path / "s3", read_only=True) as s:
@@ -114,10 +117,10 @@ def test_newer_copy_updates_mutable_columns_and_keeps_the_rest(tmp_path):
     """As the upsert always did: a stored row takes score, body, author... from a newer copy and keeps
     link_id, parent_id, created_utc and subreddit as created; within one batch the newest copy wins whole."""
     first = {"id": "c1", "link_id": "t3_p1", "parent_id": "t3_p1", "author": "a", "body": "first", "score": 1,
-             "created_utc": 100, "subreddit": "s", "stickied": False, "retrieved_on": 200}
+             "created_utc": T + 100, "subreddit": "s", "stickied": False, "retrieved_on": T + 200}
     later = {**first, "link_id": "t3_p2", "parent_id": "t1_x", "author": "b", "body": "edited", "score": 9,
-             "created_utc": 999, "subreddit": "other", "stickied": True, "distinguished": "moderator",
-             "retrieved_on": 900}
+             "created_utc": T + 999, "subreddit": "other", "stickied": True, "distinguished": "moderator",
+             "retrieved_on": T + 900}
     columns = ("id, link_id, parent_id, author, body, score, created_utc, subreddit, distinguished, stickied, "
                "retrieved_utc")
     a = _write_ndjson(tmp_path / "a.ndjson", [first, {**first, "id": "c2"}])
@@ -125,14 +128,14 @@ def test_newer_copy_updates_mutable_columns_and_keeps_the_rest(tmp_path):
     ingest([a, b], tmp_path / "two-files")
     with Store(tmp_path / "two-files", read_only=True) as s:
         assert s.con.execute(f"SELECT {columns} FROM comments ORDER BY id").fetchall() == [
-            ("c1", "t3_p1", "t3_p1", "b", "edited", 9, 100, "s", "moderator", True, 900),
-            ("c2", "t3_p1", "t3_p1", "a", "first", 1, 100, "s", None, False, 200),
-            ("c3", "t3_p2", "t1_x", "b", "edited", 9, 999, "other", "moderator", True, 900)]
+            ("c1", "t3_p1", "t3_p1", "b", "edited", 9, T + 100, "s", "moderator", True, T + 900),
+            ("c2", "t3_p1", "t3_p1", "a", "first", 1, T + 100, "s", None, False, T + 200),
+            ("c3", "t3_p2", "t1_x", "b", "edited", 9, T + 999, "other", "moderator", True, T + 900)]
     one = _write_ndjson(tmp_path / "one.ndjson", [first, later])
     ingest([one], tmp_path / "one-batch")
     with Store(tmp_path / "one-batch", read_only=True) as s:
         assert s.con.execute(f"SELECT {columns} FROM comments").fetchall() == [
-            ("c1", "t3_p2", "t1_x", "b", "edited", 9, 999, "other", "moderator", True, 900)]
+            ("c1", "t3_p2", "t1_x", "b", "edited", 9, T + 999, "other", "moderator", True, T + 900)]
     _fingerprint(tmp_path / "two-files")
 
 
@@ -158,14 +161,14 @@ def test_batches_are_whole_row_groups():
     assert DEFAULT_BATCH_ROWS == 2 * ROW_GROUP_ROWS
     assert [whole_row_groups(n) for n in (1, 10_000, ROW_GROUP_ROWS, 250_000, 400_000)] == [
         1, 10_000, ROW_GROUP_ROWS, 2 * ROW_GROUP_ROWS, 3 * ROW_GROUP_ROWS]
-    row = normalize_record({"id": "c1", "link_id": "t3_p", "parent_id": "t3_p", "created_utc": 1})[1]
+    row = normalize_record({"id": "c1", "link_id": "t3_p", "parent_id": "t3_p", "created_utc": T + 1})[1]
     buffer = RowBuffer()
     for i in range(7):
         buffer.add_row(COMMENT, (f"c{i}", *row[1:]))
     comments, posts = buffer.take(5)  # one kind: exactly the first five, the rest stays
     assert comments["id"].to_pylist() == [f"c{i}" for i in range(5)] and posts.schema == POST_SCHEMA
     assert len(buffer) == 2
-    buffer.add_row(POST, normalize_record({"id": "p1", "title": "t", "created_utc": 1})[1])
+    buffer.add_row(POST, normalize_record({"id": "p1", "title": "t", "created_utc": T + 1})[1])
     comments, posts = buffer.take(1)  # two kinds: everything, in order within each kind
     assert comments["id"].to_pylist() == ["c5", "c6"] and posts["id"].to_pylist() == ["p1"]
     assert len(buffer) == 0 and buffer.take()[0].schema == COMMENT_SCHEMA
@@ -190,7 +193,7 @@ def test_a_store_from_before_schema_2_still_ingests(shared_data, tmp_path):
 
 
 def test_bad_records_are_counted_with_their_line(tmp_path):
-    good = {"id": "c1", "link_id": "t3_p1", "parent_id": "t3_p1", "body": "hi there", "created_utc": 5}
+    good = {"id": "c1", "link_id": "t3_p1", "parent_id": "t3_p1", "body": "hi there", "created_utc": T + 5}
     path = tmp_path / "mixed.ndjson"
     path.write_bytes(
         orjson.dumps(good) + b"\n"

@@ -25,6 +25,7 @@ import zstandard
 from mining.ingest import ingest
 from mining.normalize import COMMENT, POST, BlockParser, SkipRecord, normalize_block, normalize_record
 from mining.readers import LineBlock, read_items, split_lines
+from mining.schema import FIRST_UTC
 from mining.store import Store
 
 RC_2005 = "pushshift/RC_2005-12.zst"
@@ -193,8 +194,10 @@ def test_meta_retrieved_2nd_on_is_the_newest_stamp(shared_data):
         second = record["_meta"]["retrieved_2nd_on"]
         assert row[10] == max(second, record.get("retrieved_on") or 0) == second
         assert _fast([line]) in (None, {COMMENT: [row], POST: []})
-    for meta, expected in (({"retrieved_2nd_on": 300}, 300), ({"retrieved_2nd_on": 50}, 100), (None, 100), ({}, 100)):
-        record = {**COMMENT_BASE, "retrieved_on": 100, "_meta": meta}
+    t = 1_473_738_411
+    for meta, expected in (({"retrieved_2nd_on": t + 300}, t + 300), ({"retrieved_2nd_on": t - 50}, t), (None, t),
+                           ({}, t)):
+        record = {**COMMENT_BASE, "retrieved_on": t, "_meta": meta}
         kind, row = normalize_record(record)
         assert row[10] == expected
         assert _fast([orjson.dumps(record)]) == {COMMENT: [row], POST: []}
@@ -290,8 +293,13 @@ CASES = [
     *((COMMENT_BASE, "score", v, SLOW) for v in (1.5, "1.5", True, "", "abc", 2**63, 1e3, " 3", "+3",
                                                  "1e3", 10**15)),
     *((COMMENT_BASE, "created_utc", v, FAST) for v in (1134365188, 1134365188.9, "1134365188",
-                                                       "1134365188.7", -5.5, 0)),
-    *((COMMENT_BASE, "created_utc", v, SLOW) for v in ("1.1e9", True, None, "", "x", 1e300, "1_134")),
+                                                       "1134365188.7", FIRST_UTC, "1117584000.0")),
+    *((COMMENT_BASE, "created_utc", v, SLOW) for v in ("1.1e9", True, None, "", "x", 1e300, "1_134", -5.5, 0,
+                                                       FIRST_UTC - 1, -(2**63), 2**63 - 1, 4102444800)),
+    *((COMMENT_BASE, "score", v, FAST) for v in (-(2**31), 2**31 - 1)),
+    *((COMMENT_BASE, "score", v, SLOW) for v in (-(2**31) - 1, 2**31, -(2**63), "2147483648")),
+    *((COMMENT_BASE, "retrieved_on", v, SLOW) for v in (0, -1, 2**62)),
+    *((POST_BASE, "num_comments", v, SLOW) for v in (-1, 2**31)),
     *((COMMENT_BASE, "stickied", v, FAST) for v in (True, False, "true", "True", "FALSE", None)),
     *((COMMENT_BASE, "stickied", v, SLOW) for v in (1, 0, "1", "yes", 1.0)),
     *((COMMENT_BASE, "link_id", v, FAST) for v in ("t3_x", "t1_x", "x", 5)),
@@ -370,8 +378,8 @@ def test_every_case_ingested_together_equals_the_record_path(tmp_path):
 
 def test_slow_lines_keep_their_place_among_fast_rows(tmp_path):
     """A line redone by the record path sits where it was: on equal stamps the later line still wins."""
-    fast = {**COMMENT_BASE, "id": "x", "body": "fast", "retrieved_on": 500}
-    slow = {**COMMENT_BASE, "id": "x", "body": "slow", "score": 2.5, "retrieved_on": 500}  # 2.5: record path
+    fast = {**COMMENT_BASE, "id": "x", "body": "fast", "retrieved_on": 1_500_000_000}
+    slow = {**COMMENT_BASE, "id": "x", "body": "slow", "score": 2.5, "retrieved_on": 1_500_000_000}  # 2.5: record path
     for order, winner in (((fast, slow), "slow"), ((slow, fast), "fast")):
         records = [{**COMMENT_BASE, "id": "a"}, *order, {**COMMENT_BASE, "id": "b"}]
         path = _write_ndjson(tmp_path / f"{winner}.ndjson", records)
@@ -464,18 +472,21 @@ def test_concatenated_zstd_frames_are_one_stream(shared_data, tmp_path):
 @pytest.mark.parametrize("codec", ["gz", "bz2", "xz"])
 def test_gzip_bz2_xz_inputs_give_the_same_store(shared_data, tmp_path, codec):
     raw = b"".join(line + b"\n" for line in _lines(shared_data / RC_2005))
-    compress = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[codec]
+    # bzip2 -1: 100 kB blocks (bz2 decodes whole blocks: the records of a damaged block are lost)
+    compress = {"gz": gzip.compress, "bz2": lambda data: bz2.compress(data, 1), "xz": lzma.compress}[codec]
     path = tmp_path / f"RC_2005-12.ndjson.{codec}"
     path.write_bytes(compress(raw))
     report = ingest([path], tmp_path / "store")
     assert report.ok and (report.records_read, report.ingested) == (1075, 1075)
     assert _store_rows(tmp_path / "store", "comments") == sorted(_reference(_lines(shared_data / RC_2005))[COMMENT])
-    # damaged: an error naming the file, not a crash
+    # cut in half: the records before the damage are kept (as for zstd), the error names file and byte
     broken = tmp_path / f"broken.ndjson.{codec}"
     broken.write_bytes(compress(raw)[: len(compress(raw)) // 2])
     report = ingest([broken], tmp_path / "store2")
-    assert report.errors and str(broken) in report.errors[0]
+    assert report.errors and str(broken) in report.errors[0] and "byte" in report.errors[0]
     assert report.records_read == report.ingested
+    kept = _store_rows(tmp_path / "store2", "comments")
+    assert 300 < len(kept) < 1075 and set(kept) <= set(_store_rows(tmp_path / "store", "comments"))
 
 
 def test_parser_pool_keeps_line_order_across_many_blocks(shared_data, tmp_path, monkeypatch):

@@ -187,3 +187,41 @@ def test_block_sparse_training_needs_cuda(tmp_path, pairs_file):
                       packing="shared_prompt", attention="block_sparse")
     with pytest.raises(UserError, match="CUDA"):
         train_reward_model(config, pairs_file, tmp_path / "rm")
+
+
+def test_eval_rm_max_length_past_the_positions_is_clamped_and_said(tmp_path, tokenizer, capsys):
+    """--max-length beyond the backbone's positions scores at the position limit and reports the clamp
+    (it used to be an IndexError from the position embeddings)."""
+    torch.manual_seed(0)
+    positions = {**TINY_GPT2, "n_positions": 64}
+    model_dir = RewardModel(build_backbone("tiny", positions, attn_implementation="sdpa")).save(
+        tmp_path / "rm", tokenizer, extra={"train_config": {"max_length": 48, "max_prompt_length": 16}})
+    pairs = tmp_path / "long.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"prompt {i} " * 30, "chosen": "a long reply " * (40 + i),
+                                         "rejected": f"short {i}"}) + "\n" for i in range(6)))
+    evaluate = ["eval", "rm", "--model", str(model_dir), "--pairs", str(pairs), "--json"]
+    assert ahf_main([*evaluate, "--max-length", "64"]) == 0
+    at_limit = json.loads(capsys.readouterr().out)
+    assert at_limit["max_length"] == 64 and "max_length_clamped" not in at_limit
+    assert ahf_main([*evaluate, "--max-length", "4096"]) == 0
+    clamped = json.loads(capsys.readouterr().out)
+    assert clamped["max_length"] == 64 and clamped["max_length_clamped"] == {"asked": 4096, "positions": 64}
+    assert clamped["mean_margin"] == at_limit["mean_margin"] and clamped["truncation"] == at_limit["truncation"]
+    assert ahf_main(["eval", "rm", "--model", str(model_dir), "--pairs", str(pairs), "--max-length", "4096"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "max_length 4096 is past the backbone's 64 positions: scored at 64" in said
+    assert ahf_main([*evaluate, "--max-length", "3"]) == 2
+    assert "--max-length 3" in capsys.readouterr().err
+
+
+def test_train_max_length_past_the_positions_is_a_clear_error_and_leaves_nothing(tmp_path, pairs_file, capsys):
+    """A row longer than the backbone's positions would fail inside its embedding (IndexError); the trainer
+    says so before it starts, and the refused run leaves no output folder."""
+    subset = tmp_path / "four.jsonl"
+    subset.write_text("".join(pairs_file.read_text().splitlines(keepends=True)[:4]))
+    out = tmp_path / "refused"
+    code = ahf_main(["train", "rm", str(subset), "--out", str(out), "--set", "model=tiny",
+                     "--set", f"tokenizer={pairs_file.parents[1] / 'tokenizer' / 'gpt2'}",
+                     "--set", "random_init=" + json.dumps(TINY_GPT2), "--set", "max_length=600"])
+    assert code == 2 and "max_length=600 is more than the 512 positions" in capsys.readouterr().err
+    assert not out.exists()

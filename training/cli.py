@@ -172,6 +172,10 @@ def run_eval_rm(args, stdout=None) -> int:
                                    task=args.task)
     lines = [f"{result['pairs']} pairs: accuracy {result['accuracy']:.3f}   length baseline (longer wins) "
              f"{result['length_baseline']:.3f}   mean margin {result['mean_margin']:+.3f}"]
+    if "max_length_clamped" in result:
+        clamp = result["max_length_clamped"]
+        lines.append(f"max_length {clamp['asked']} is past the backbone's {clamp['positions']} positions: "
+                     f"scored at {result['max_length']}")
     for bucket in result.get("by_bucket", {}).get("buckets", []):
         lines.append(f"  {result['by_bucket']['by']} {bucket['range'][0]:.3g}..{bucket['range'][1]:.3g}: "
                      f"n={bucket['n']} accuracy {bucket['accuracy']:.3f}  length {bucket['length_baseline']:.3f}")

@@ -41,7 +41,7 @@ from torch import nn
 from ahf.console import UserError
 from training import data as D
 from training.engine import start_engine
-from training.models import update_card
+from training.models import position_limit, update_card
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense tensor-core peaks, by GPU name
 
@@ -103,8 +103,7 @@ class Trainer:
     def __init__(self, config, out_dir: str | Path, progress: Callable[[int], None] | None = None,
                  log: Callable[[dict], None] | None = None):
         self.config = config
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = Path(out_dir)  # made when training starts: a refused run leaves nothing behind
         self.progress, self.log_callback = progress, log
         self.model: nn.Module | None = None
         self.engine: Any = None
@@ -160,9 +159,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
+        self._check_positions()
         epoch = self.batches()
         if not epoch:
             raise UserError("no training batches: the training data is empty after filtering")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.flops_per_token = flops_per_token(self.model.config, matmul_params(self.model), self.config.max_length)
         self.peak_flops = self.config.peak_flops or device_peak_flops()
         self.engine, self.ds_config, total_micro, self.total_steps = start_engine(self.model, self.config, len(epoch))
@@ -180,6 +181,13 @@ class Trainer:
         result = self._summary(tokens, total_micro) | evaluation
         update_card(self.out_dir, {"train_result": result})
         return {**result, "history": self.history, "out_dir": str(self.out_dir)}
+
+    def _check_positions(self) -> None:
+        """A row longer than the backbone's positions fails deep in its embedding (IndexError): say so first."""
+        limit = position_limit(getattr(self.model, "backbone", self.model))
+        if limit is not None and self.config.max_length > limit:
+            raise UserError(f"max_length={self.config.max_length} is more than the {limit} positions of "
+                            f"{self.config.model!r}: set max_length={limit} or less (--set max_length={limit})")
 
     def _fit(self, epoch: list, total_micro: int) -> int:
         """Micro-steps until `total_micro`, a new epoch of batches whenever one runs out; returns real tokens."""

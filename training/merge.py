@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ahf.console import UserError
+from ahf.model_folders import SAFE_LOADING, check_model_folder
 from training.models import MODEL_CARD, WEIGHTS, RewardModel, load_state, load_tokenizer, read_card
 
 
@@ -31,9 +32,10 @@ def _base_backbone_state(base: str) -> dict[str, torch.Tensor]:
         return {k: v for k, v in load_state(path / WEIGHTS).items() if k.startswith("backbone.")}
     from transformers import AutoModel
 
+    check_model_folder(base)
     try:
-        backbone = AutoModel.from_pretrained(base)
-    except OSError as exc:
+        backbone = AutoModel.from_pretrained(base, **SAFE_LOADING)
+    except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the base model {base!r}: {exc}") from exc
     return {f"backbone.{k}": v.float() for k, v in backbone.state_dict().items()}
 

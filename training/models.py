@@ -24,6 +24,7 @@ from torch import nn
 from ahf.console import UserError
 from training.attention import BLOCK_SPARSE
 from training.attention import register as register_block_sparse
+from ahf.model_folders import SAFE_LOADING, check_model_folder
 from training.multitask import TASK_MARKER
 
 MODEL_CARD = "ahf_model.json"
@@ -34,6 +35,7 @@ def load_tokenizer(name_or_path: str):
     """A directory holding GPT-2's `encoder.json` + `vocab.bpe` gives the real GPT-2 tokenizer offline."""
     from transformers import AutoTokenizer, GPT2TokenizerFast
 
+    check_model_folder(name_or_path, weights=False)
     path = Path(name_or_path)
     if (path / "encoder.json").exists() and (path / "vocab.bpe").exists():
         # transformers 5 takes `vocab=`/`merges=` (it silently ignores the 4.x `vocab_file=` names and
@@ -46,8 +48,8 @@ def load_tokenizer(name_or_path: str):
         tokenizer.model_max_length = 1 << 30  # lengths are the trainers' business (counted, never silent)
     else:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        except OSError as exc:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+        except (OSError, ValueError) as exc:  # ValueError: a hub tokenizer that needs custom code
             raise UserError(f"cannot load tokenizer {name_or_path!r}: {exc}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -79,13 +81,23 @@ def build_backbone(model: str, random_init: dict | None = None, causal_lm: bool 
         model_type = settings.pop("model_type", "gpt2")
         config = AutoConfig.for_model(model_type, **settings)
         config._attn_implementation = attn
-        return cls.from_config(config, attn_implementation=attn)
-    try:
-        return cls.from_pretrained(model, attn_implementation=attn)
-    except (OSError, ValueError) as exc:
-        if attn != "sdpa":
-            return cls.from_pretrained(model, attn_implementation="sdpa")
-        raise UserError(f"cannot load model {model!r}: {exc}") from exc
+        return cls.from_config(config, attn_implementation=attn, trust_remote_code=False)
+    check_model_folder(model)
+    for implementation in dict.fromkeys((attn, "sdpa")):  # a model the chosen kernel does not cover: SDPA
+        try:
+            return cls.from_pretrained(model, attn_implementation=implementation, **SAFE_LOADING)
+        except (OSError, ValueError) as exc:
+            error = exc
+    raise UserError(f"cannot load model {model!r}: {error}") from error
+
+
+def position_limit(backbone: nn.Module) -> int | None:
+    """How many tokens a backbone can place: its `max_position_embeddings` (GPT-2's n_positions), less the
+    ids RoBERTa-style embeddings reserve up to their padding_idx; None when it declares no limit (T5)."""
+    limit = getattr(backbone.config, "max_position_embeddings", None)
+    table = getattr(getattr(backbone, "embeddings", None), "position_embeddings", None)
+    padding = getattr(table, "padding_idx", None)
+    return None if limit is None else limit - (0 if padding is None else padding + 1)
 
 
 def is_causal(config) -> bool:
@@ -201,7 +213,7 @@ class RewardModel(nn.Module):
         settings = dict(card["backbone_config"])
         config = AutoConfig.for_model(settings.pop("model_type"), **settings)
         attn = attn_implementation or "sdpa"  # scoring uses padded batches: SDPA works on every device
-        backbone = AutoModel.from_config(config, attn_implementation=attn)
+        backbone = AutoModel.from_config(config, attn_implementation=attn, trust_remote_code=False)
         model = cls(backbone, head=card["head"], pooling=card["pooling"], base_model=card.get("base_model"),
                     tasks=card.get("tasks"), task_conditioning=card.get("task_conditioning"),
                     task_marker=card.get("task_marker"))

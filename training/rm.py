@@ -35,7 +35,15 @@ from training.attention import BLOCK_SPARSE, without_attention_dropout
 from training.config import TrainCommon
 from training.engine import full_state_dict
 from training.loop import Trainer, row_counts
-from training.models import MODEL_CARD, RewardModel, attention_implementation, build_backbone, load_tokenizer, read_card
+from training.models import (
+    MODEL_CARD,
+    RewardModel,
+    attention_implementation,
+    build_backbone,
+    load_tokenizer,
+    position_limit,
+    read_card,
+)
 from training.tokens import LengthPolicy, encode_prompt, encode_reply, first_fit, pack_rows, pad_rows, shuffled_chunks
 
 
@@ -249,7 +257,11 @@ def evaluate_pairs(model: RewardModel, tokenizer, pairs: list[D.Pair], max_lengt
 def evaluate_reward_model(model_dir: str | Path, pairs_path: str | Path, detokenize: bool | None = None,
                           max_length: int | None = None, batch_size: int = 16, task: str | None = None) -> dict:
     """`ahf eval rm`: accuracy of a saved reward model on a pairs file, next to the length baseline.
-    `task`: which task's conditioning to score with (required for, and only for, a joint multi-task model)."""
+    `task`: which task's conditioning to score with (required for, and only for, a joint multi-task model).
+    `max_length` (default: the training max_length) past the backbone's positions is clamped to them, and
+    the result says so (`max_length_clamped`): scoring at the limit is the nearest the model can do."""
+    if max_length is not None and max_length < 4:
+        raise UserError(f"--max-length {max_length} leaves no room for a prompt and a reply (4 tokens at least)")
     trained_with = read_card(model_dir).get("train_config", {}) if (Path(model_dir) / MODEL_CARD).exists() else {}
     model = RewardModel.load(model_dir)
     model.task_index(task)  # refuse a missing / unknown / superfluous task before reading the pairs
@@ -258,10 +270,14 @@ def evaluate_reward_model(model_dir: str | Path, pairs_path: str | Path, detoken
     tokenizer = load_tokenizer(str(model_dir))
     detok = trained_with.get("detokenize", False) if detokenize is None else detokenize
     pairs = D.load_pairs(pairs_path, detok=detok)
-    limit = max_length or trained_with.get("max_length") or 512
-    result = evaluate_pairs(model, tokenizer, pairs, limit, trained_with.get("max_prompt_length", 128), batch_size,
+    asked = max_length or trained_with.get("max_length") or 512
+    positions = position_limit(model.backbone)
+    length = min(asked, positions or asked)
+    result = evaluate_pairs(model, tokenizer, pairs, length, trained_with.get("max_prompt_length", 128), batch_size,
                             task)
-    return {"model": str(model_dir), "pairs_file": str(pairs_path), **({"task": task} if task else {}), **result}
+    clamped = {"max_length_clamped": {"asked": asked, "positions": positions}} if length < asked else {}
+    return {"model": str(model_dir), "pairs_file": str(pairs_path), **({"task": task} if task else {}),
+            "max_length": length, **clamped, **result}
 
 
 
