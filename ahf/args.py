@@ -31,3 +31,11 @@ def shared_verb(subparsers, name: str, help_text: str):
         parser._ahf_sub = existing[0] if existing else parser.add_subparsers(
             dest=f"{name}_command", metavar="WHAT", required=True)
     return parser._ahf_sub
+
+
+def add_engine(parser: argparse.ArgumentParser) -> None:
+    """`--engine local|ray` and `--ray-address` (ahf.engine)."""
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="where the per-partition work runs: this process (default) or a Ray cluster")
+    parser.add_argument("--ray-address", metavar="ADDR",
+                        help="a running Ray cluster (auto, or ray://HOST:10001); default: start a local Ray instance")

@@ -16,6 +16,13 @@ large runs hit the embedding cache and encode only the unique texts. Reported, a
   first queries); then the hybrid query's two parts alone: the query encoding and our BM25 top 50.
 
 `--query-only STORE` measures only the query latencies on an existing store (index and acts built).
+`--ivfpq-only` measures only the sharded IVF-PQ index (bench_ivfpq): per size, its build from a warm
+cache (turns/s, training and shard time, bytes per vector in memory and on disk) and the latency of
+one-vector searches next to the flat index; and recall@10 against exact search on the distinct
+base turns (the scaled corpora repeat each text, so a recall there would only count copies).
+`--ray-encoding N` measures only the encoding of N distinct base replies (empty caches): the local
+engine twice (the first call pays the imports and the model load), then Ray Data actors on a local
+Ray instance with this machine's cores (bench_ray_encoding).
 """
 
 from __future__ import annotations
@@ -201,12 +208,93 @@ def bench_size(base: Path, size: int, work: Path, cache: Path, queries: list[tup
     out["dense_cached_build_turns_per_s"] = round(size / dense.seconds, 1)
     out["dense_index_type"], out["dense_encoded"] = dense.index_type, dense.encoded
 
+    out["ivfpq"] = bench_ivfpq(root, ids, texts)
+
     tagged = tag_acts(store)
     out["tag_turns_per_s"] = round(size / tagged.seconds, 1)
     out["acts"] = tagged.counts
 
     out.update(bench_queries(store, queries, warmup, retriever))
     shutil.rmtree(store, ignore_errors=True)
+    return out
+
+
+def bench_ivfpq(root: Path, ids: list[str], texts: list[str], shards: int = 2, queries: int = 200) -> dict:
+    """The sharded IVF-PQ build from the warm cache under `root` (config defaults, `shards` shards)
+    and the latency of one-vector searches (real turn vectors) on it and on the flat index."""
+    from index.dense import DenseConfig, DenseSearcher, build_dense
+
+    flat_root, ivf_root = root.parent / "bench-flat", root.parent / "bench-ivfpq"
+    for where in (flat_root, ivf_root):
+        shutil.rmtree(where, ignore_errors=True)
+        shutil.copytree(root / "embeddings", where / "embeddings")
+    build_dense(ids, texts, flat_root, DenseConfig(index_type="flat"))
+    report = build_dense(ids, texts, ivf_root, DenseConfig(index_type="ivfpq", shards=shards))
+    searcher, flat = DenseSearcher(ivf_root), DenseSearcher(flat_root)
+    out = {"shards": shards, "build_turns_per_s": round(len(ids) / report.seconds, 1),
+           "train_s": searcher.meta["train_s"], "shards_s": searcher.meta["shards_s"],
+           "recall": "not measured on repeated texts: see ivfpq_recall (distinct turns)"}
+    live = Path(searcher.dir)
+    codes = sum((live / s["dir"] / "index").stat().st_size for s in searcher.meta["shards"])
+    out["index_bytes_per_vector"] = round(codes / len(ids), 1)  # what a searcher holds in memory
+    out["flat_bytes_per_vector"] = round((flat.dir / "index").stat().st_size / len(ids), 1)
+    sample = flat.vectors()[np.linspace(0, len(ids) - 1, queries).astype(int)]
+    for name, s in (("ivfpq", searcher), ("flat", flat)):
+        s.search_vectors(sample[:10], 10)  # warm-up
+        out[f"{name}_search_k10"] = percentiles(timed(lambda q: s.search_vectors(q[None], 10), [(q,) for q in sample]))
+    for where in (flat_root, ivf_root):
+        shutil.rmtree(where, ignore_errors=True)
+    return out
+
+
+def bench_ivfpq_recall(base: Path, cache: Path) -> dict:
+    """recall@10 of the IVF-PQ index (defaults) against exact search on the distinct base turns."""
+    from index.corpus import read_turns
+    from index.dense import DenseConfig, build_dense
+    from mining.store import Store
+
+    with Store(base, read_only=True) as s:
+        turns = read_turns(s)
+    seen, ids, texts = set(), [], []
+    for cid, text in zip(turns["comment_id"].to_pylist(), turns["reply"].to_pylist()):
+        if text not in seen:
+            seen.add(text)
+            ids.append(cid)
+            texts.append(text)
+    root = cache.parent.parent / "recall-ivfpq"
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(cache, root / "embeddings")
+    out = {"distinct_turns": len(ids)}
+    for nprobe in (4, 16):
+        report = build_dense(ids, texts, root, DenseConfig(index_type="ivfpq", nprobe=nprobe))
+        out[f"nprobe_{nprobe}"] = report.recall
+    shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def bench_ray_encoding(base: Path, work: Path, n: int) -> dict:
+    """Texts/s of `embed_texts` for the same `n` distinct replies: local (twice), then on Ray."""
+    from ahf.engine import make_engine
+    from index.corpus import read_turns
+    from index.dense import DenseConfig, EmbeddingCache, Encoder, embed_texts
+    from mining.store import Store
+
+    with Store(base, read_only=True) as s:
+        distinct = list(dict.fromkeys(read_turns(s)["reply"].to_pylist()))
+    texts = [distinct[i] for i in np.linspace(0, len(distinct) - 1, min(n, len(distinct))).astype(int)]
+    out: dict = {"texts": len(texts), "words_mean": round(float(np.mean([len(t.split()) for t in texts])), 1)}
+    vectors = {}
+    for name in ("local_first", "local", "ray"):
+        cache = work / f"ray-encoding-{name}"
+        shutil.rmtree(cache, ignore_errors=True)
+        with make_engine("ray" if name == "ray" else "local") as engine:
+            started = time.perf_counter()
+            vectors[name], _ = embed_texts(texts, EmbeddingCache(cache), Encoder, engine=engine, config=DenseConfig())
+            out[f"{name}_texts_per_s"] = round(len(texts) / (time.perf_counter() - started), 1)
+        if name == "ray":
+            out["ray_workers"] = engine.workers
+        shutil.rmtree(cache, ignore_errors=True)
+    out["max_abs_difference"] = float(np.abs(vectors["ray"] - vectors["local"]).max())
     return out
 
 
@@ -221,6 +309,8 @@ def main() -> int:
     parser.add_argument("--work", help="scratch directory (default: a temporary one)")
     parser.add_argument("--encoder-sample", type=int, default=300, help="texts for the bare-vs-cold encoder run")
     parser.add_argument("--warm-cache", help="an embedding cache dir (STORE/index/embeddings/<encoder>) to start from")
+    parser.add_argument("--ivfpq-only", action="store_true", help="only the sharded IVF-PQ figures (bench_ivfpq)")
+    parser.add_argument("--ray-encoding", type=int, metavar="N", help="only the encoding rate, local vs Ray, on N texts")
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "index.json"))
     args = parser.parse_args()
 
@@ -248,12 +338,29 @@ def main() -> int:
     if args.query_only:
         print(json.dumps(bench_queries(Path(args.query_only), queries, warmup), indent=2))
         return 0
+    if args.ray_encoding:
+        print(json.dumps(bench_ray_encoding(base, work, args.ray_encoding), indent=2))
+        return 0
 
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version()}, "sizes": {}}
     result["encoder"], cache = bench_encoder(base, work, args.encoder_sample, args.warm_cache)
     print(json.dumps(result["encoder"]), flush=True)
-    for size in args.sizes:
+    result["ivfpq_recall"] = bench_ivfpq_recall(base, cache)
+    print(json.dumps({"ivfpq_recall": result["ivfpq_recall"]}), flush=True)
+    for size in args.sizes if args.ivfpq_only else ():
+        from index.corpus import read_turns
+        from mining.store import Store
+
+        store = scaled_store(base, size, work)
+        with Store(store, read_only=True) as s:
+            turns = read_turns(s)
+        shutil.copytree(cache, store / "index" / "embeddings")
+        result["sizes"][str(size)] = {"turns": size, "ivfpq": bench_ivfpq(
+            store / "index", turns["comment_id"].to_pylist(), turns["reply"].to_pylist())}
+        print(json.dumps({str(size): result["sizes"][str(size)]}), flush=True)
+        shutil.rmtree(store, ignore_errors=True)
+    for size in () if args.ivfpq_only else args.sizes:
         result["sizes"][str(size)] = bench_size(base, size, work, cache, queries, warmup)
         print(json.dumps({str(size): result["sizes"][str(size)]}), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ahf.args import add_config, add_json, add_store
+from ahf.args import add_config, add_engine, add_json, add_store
 from ahf.console import emit, progress_bar
 
 
@@ -17,6 +17,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("label", help="label turns: adjusted votes -> tiers, preference pairs, reply sentiment")
     _common(p)
+    add_engine(p)
     p.set_defaults(handler=run_label)
 
     p = subparsers.add_parser("export", help="write labelled turns as TRL-ready JSONL / Parquet / datasets")
@@ -25,6 +26,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (only written inside)")
     p.add_argument("--force", action="store_true", help="replace an earlier export in DIR (atomically)")
     _common(p)
+    add_engine(p)
     p.set_defaults(handler=run_export)
 
 
@@ -38,9 +40,12 @@ def _config(args):
 def run_label(args) -> int:
     from feedback.labels import label_store
 
+    from ahf.engine import make_engine
+
     config = _config(args)
-    with progress_bar("label", unit="turns", enabled=not args.json) as advance:
-        report = label_store(args.store, config, progress=advance)
+    with make_engine(args.engine, args.ray_address) as engine, \
+            progress_bar("label", unit="turns", enabled=not args.json) as advance:
+        report = label_store(args.store, config, progress=advance, engine=engine)
     r = report
     human = (f"labelled {r.labelled:,} of {r.turns:,} turns in {r.seconds:.1f} s ({r.turns_per_s:,.0f} turns/s)\n"
              f"tiers {r.tiers}; pairs {r.pairs}\n"
@@ -53,9 +58,12 @@ def run_label(args) -> int:
 def run_export(args) -> int:
     from feedback.export import export_dataset
 
+    from ahf.engine import make_engine
+
     config = _config(args)
-    report = export_dataset(args.store, args.format, args.out, act=args.act, force=args.force,
-                            config=config.export)
+    with make_engine(args.engine, args.ray_address) as engine:
+        report = export_dataset(args.store, args.format, args.out, act=args.act, force=args.force,
+                                config=config.export, engine=engine)
     human = (f"exported {sum(report.rows.values()):,} {args.format} rows to {args.out}: "
              + ", ".join(f"{s} {n:,}" for s, n in report.rows.items())
              + f" (dropped {report.dropped})")

@@ -142,9 +142,14 @@ def _check_manifest(path: Path) -> None:
 
 
 def export_dataset(store_dir: str | Path, fmt: Format, out: str | Path, act: str | None = None,
-                   force: bool = False, config: ExportConfig | None = None) -> ExportReport:
+                   force: bool = False, config: ExportConfig | None = None, engine=None) -> ExportReport:
     """Write one export of the store's labels into `out` (replaced atomically with `force`).
-    `config=None` reads configs/labels.yaml (`export:`)."""
+    `config=None` reads configs/labels.yaml (`export:`). The rows of each partition of posts (their
+    contexts are the costly part) are made on `engine` (ahf.engine; default: this process, one
+    partition); the duplicates across posts, the splits and the files are made here."""
+    from ahf.engine import LocalEngine
+
+    engine = engine or LocalEngine()
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     config = config or load_config(LabelConfig, "labels").export
@@ -160,7 +165,7 @@ def export_dataset(store_dir: str | Path, fmt: Format, out: str | Path, act: str
         with Store(store_dir, read_only=True) as store:
             for table in ("turns", "labels", "pairs"):
                 store.require(table, f"run `ahf label --store {store_dir}` first")
-            counts = _select_rows(store, fmt, act, config, report)
+            counts = _select_rows(store, fmt, act, config, report, engine, tmp / ".parts")
             _write_splits(store, fmt, tmp, config)
             provenance = _provenance(store, store_dir)
             labels_config = store.meta("labels_config")
@@ -177,7 +182,39 @@ def export_dataset(store_dir: str | Path, fmt: Format, out: str | Path, act: str
     return report
 
 
-def _select_rows(store: Store, fmt: str, act: str | None, config: ExportConfig, report: ExportReport) -> dict:
+@dataclass
+class ExportTask:
+    """One partition of posts: the rows SQL and its parameters, and where its rows go: a Parquet file
+    (a Ray task), or, with `out=None`, the temp table `export_candidates` of the open store (local)."""
+
+    store: str | Store
+    sql: str
+    params: dict
+    part: int
+    parts: int
+    out: str | None = None
+
+
+def export_partition(task: ExportTask) -> str | None:
+    """The candidate rows of the posts in partition `task.part`, with their contexts. The same function
+    for every engine: the local one runs it on its open store, a Ray task on the store's path."""
+    with Store.reading(task.store) as store, store.partitioned(("turns", "labels", "pairs", "comments"), task.part, task.parts):
+        store.execute(_CONTEXT_SQL)
+        try:
+            sink = (f"CREATE OR REPLACE TEMP TABLE export_candidates AS {task.sql}" if task.out is None else
+                    f"COPY ({task.sql}) TO '{_quoted(task.out)}' (FORMAT parquet, COMPRESSION uncompressed)")
+            store.execute(sink, task.params)
+        finally:
+            store.execute("DROP TABLE IF EXISTS export_context")
+    return task.out
+
+
+def _quoted(path: str | Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def _select_rows(store: Store, fmt: str, act: str | None, config: ExportConfig, report: ExportReport,
+                 engine, parts_dir: Path) -> dict:
     """Materialise the export rows (deduplicated, with their split) in a temp table `export_rows`."""
     params: dict = {"sep": CONTEXT_SEPARATOR}
     act_turns = act_pairs = ""
@@ -193,9 +230,18 @@ def _select_rows(store: Store, fmt: str, act: str | None, config: ExportConfig, 
         params["rules"] = list(config.rules)
     else:
         params["tiers"] = list(config.tiers if fmt == "pointwise" else config.sft_tiers)
-    store.execute(_CONTEXT_SQL)
     rows_sql = _ROWS_SQL[fmt].format(act_turns=act_turns, act_pairs=act_pairs)
-    store.execute(f"CREATE OR REPLACE TEMP TABLE export_candidates AS {rows_sql}", params)
+    if engine.name == "local":  # one partition, straight into this connection's temp table
+        list(engine.map(export_partition, [ExportTask(store, rows_sql, params, 0, 1)]))
+    else:
+        parts = engine.partitions(store.count("turns"), config.partition_turns)
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        files = list(engine.map(export_partition, [
+            ExportTask(str(store.path), rows_sql, params, part, parts, str(parts_dir / f"part-{part:05d}.parquet"))
+            for part in range(parts)]))
+        listed = ", ".join(f"'{_quoted(f)}'" for f in files)
+        store.execute(f"CREATE OR REPLACE TEMP TABLE export_candidates AS SELECT * FROM read_parquet([{listed}])")
+        shutil.rmtree(parts_dir, ignore_errors=True)
     report.candidates = store.count("export_candidates")
     # A top-level reply to a post missing from the store (comment-only dumps) has no context.
     empty = store.value("SELECT count(*) FROM export_candidates WHERE prompt = $sep", {"sep": CONTEXT_SEPARATOR})

@@ -36,7 +36,7 @@ from pydantic import Field, model_validator
 
 from ahf.config import StageConfig, load_config
 from feedback.sentiment import POSITIVE_THRESHOLD, Vader
-from mining.schema import PAIR_SCHEMA, create_table_sql
+from mining.schema import PAIR_SCHEMA, empty_table
 from mining.store import Store
 from mining.turns import MiningConfig
 
@@ -122,6 +122,8 @@ class ExportConfig(StageConfig):
     sft_tiers: list[Literal["good", "ok", "bad"]] = Field(default_factory=lambda: ["good"],
                                                           description="tiers exported by --format sft")
     act_min_confidence: float = Field(0.0, description="with --act: minimum confidence in the acts table")
+    partition_turns: int = Field(1_000_000, ge=1, description="turns per partition of posts on a parallel engine "
+                                                             "(--engine ray); the local engine makes one")
 
     @model_validator(mode="after")
     def _fractions(self):
@@ -174,17 +176,14 @@ class LabelReport:
         return out
 
 
-# -- SQL, one partition of posts at a time ($part / $parts select it) -------------------------
-
-_PART = "hash(post_id) % $parts = $part"
+# -- SQL, one partition of posts at a time (Store.partitioned shows it as `turns`) -------------
 
 # Group statistics by GROUP BY + join rather than window functions: hash aggregation is several
 # times faster than the sorts that windows need on large partitions.
 _VOTES_SQL = f"""
-INSERT INTO labels_new (comment_id, post_id, subreddit, group_size, z_rank, z_time, adjusted)
 WITH base AS (
   SELECT comment_id, post_id, subreddit, sibling_rank, {{group}} AS grp, delay_post_s, created_utc
-  FROM turns WHERE {_PART}
+  FROM turns
 ), firsts AS (
   SELECT post_id, min(created_utc) AS first_created FROM base GROUP BY post_id
 ), feats AS (
@@ -201,19 +200,18 @@ WITH base AS (
          coalesce((f.t - s.mean_t) / nullif(s.sd_t, 0), 0) AS z_time
   FROM feats f JOIN stats s USING (grp)
 )
-SELECT comment_id, post_id, subreddit, group_size,
-       CASE WHEN group_size >= $min_replies THEN z_rank END,
-       CASE WHEN group_size >= $min_replies THEN z_time END,
-       CASE WHEN group_size >= $min_replies THEN $w_rank * z_rank + $w_time * z_time END
+SELECT comment_id, post_id, subreddit, group_size::INTEGER AS group_size,
+       CASE WHEN group_size >= $min_replies THEN z_rank END AS z_rank,
+       CASE WHEN group_size >= $min_replies THEN z_time END AS z_time,
+       CASE WHEN group_size >= $min_replies THEN $w_rank * z_rank + $w_time * z_time END AS adjusted
 FROM z
 """
 
 _SHP_SQL = f"""
-INSERT INTO pairs_new
 WITH cand AS (
   SELECT comment_id, post_id, parent_id, score, created_utc
   FROM turns
-  WHERE {_PART} AND score >= $min_reply_score
+  WHERE score >= $min_reply_score
     AND ($top_level_only = false OR starts_with(parent_id, 't3_'))
     AND (post_score >= $min_post_score OR (post_score IS NULL AND $allow_unknown_post))
   QUALIFY row_number() OVER (PARTITION BY parent_id ORDER BY score DESC, created_utc, comment_id)
@@ -232,21 +230,20 @@ QUALIFY row_number() OVER (PARTITION BY post_id ORDER BY margin DESC, chosen_id,
 """
 
 _TIME_ADJACENT_SQL = f"""
-INSERT INTO pairs_new
 WITH ordered AS (
   SELECT comment_id, post_id, parent_id, score, created_utc,
          lead(comment_id) OVER w AS next_id, lead(score) OVER w AS next_score,
          lead(created_utc) OVER w AS next_created
-  FROM turns WHERE {_PART}
+  FROM turns
   WINDOW w AS (PARTITION BY parent_id ORDER BY created_utc, comment_id)
 )
 SELECT post_id, parent_id,
-       CASE WHEN score > next_score THEN comment_id ELSE next_id END,
-       CASE WHEN score > next_score THEN next_id ELSE comment_id END,
-       'time_adjacent', ln(1 + abs(score::DOUBLE - next_score)),
-       greatest(score, next_score), least(score, next_score),
-       CASE WHEN score > next_score THEN created_utc ELSE next_created END,
-       CASE WHEN score > next_score THEN next_created ELSE created_utc END
+       CASE WHEN score > next_score THEN comment_id ELSE next_id END AS chosen_id,
+       CASE WHEN score > next_score THEN next_id ELSE comment_id END AS rejected_id,
+       'time_adjacent' AS rule, ln(1 + abs(score::DOUBLE - next_score)) AS margin,
+       greatest(score, next_score) AS chosen_score, least(score, next_score) AS rejected_score,
+       CASE WHEN score > next_score THEN created_utc ELSE next_created END AS chosen_created_utc,
+       CASE WHEN score > next_score THEN next_created ELSE created_utc END AS rejected_created_utc
 FROM ordered
 WHERE next_id IS NOT NULL AND next_created::HUGEINT - created_utc <= $max_gap_s
   AND abs(score::HUGEINT - next_score) >= $min_score_diff
@@ -257,7 +254,7 @@ WHERE next_id IS NOT NULL AND next_created::HUGEINT - created_utc <= $max_gap_s
 _REPLIES_SQL = f"""
 CREATE OR REPLACE TEMP TABLE replies AS
 SELECT t.comment_id AS turn_id, c.body, c.score
-FROM (SELECT comment_id, author, unnest(child_ids) AS child_id FROM turns WHERE {_PART}) t
+FROM (SELECT comment_id, author, unnest(child_ids) AS child_id FROM turns) t
 JOIN comments c ON c.id = t.child_id
 WHERE c.body NOT IN ('[deleted]', '[removed]') AND regexp_matches(c.body, '\\S')
   AND NOT list_contains($bots, coalesce(c.author, ''))
@@ -265,10 +262,9 @@ WHERE c.body NOT IN ('[deleted]', '[removed]') AND regexp_matches(c.body, '\\S')
 """
 
 _SENTIMENT_SQL = """
-INSERT INTO sentiment_new
-SELECT r.turn_id, count(*), avg(s.compound),
-       sum(s.compound * greatest(r.score, $floor)) / sum(greatest(r.score, $floor)),
-       avg(CASE WHEN s.compound >= $pos THEN 1.0 ELSE 0.0 END)
+SELECT r.turn_id, count(*) AS n, avg(s.compound) AS mean,
+       sum(s.compound * greatest(r.score, $floor)) / sum(greatest(r.score, $floor)) AS weighted_mean,
+       avg(CASE WHEN s.compound >= $pos THEN 1.0 ELSE 0.0 END) AS positive_share
 FROM replies r JOIN scored s USING (body)
 GROUP BY r.turn_id
 """
@@ -316,9 +312,9 @@ def _score_chunk(texts: list[str]) -> list[float]:
 class _Scorer:
     """Scores a list of texts in-process or across a process pool (started once, on first need)."""
 
-    def __init__(self, config: SentimentConfig):
+    def __init__(self, config: SentimentConfig, workers: int | None = None):
         self.config = config
-        self.workers = config.workers or os.cpu_count() or 1
+        self.workers = workers or config.workers or os.cpu_count() or 1
         self._pool: ProcessPoolExecutor | None = None
         self._local = Vader()
 
@@ -338,46 +334,149 @@ class _Scorer:
             self._pool.shutdown()
 
 
+_SCORERS: dict[str, _Scorer] = {}  # this process's scorer per sentiment config, its pool started once
+
+
+def _scorer(config: SentimentConfig, in_process: bool) -> _Scorer:
+    """The local engine shares one scorer (and its process pool) across partitions; an engine that
+    already runs partitions in parallel (Ray) scores each in the task's own process."""
+    if in_process:
+        return _Scorer(config, workers=1)
+    key = config.model_dump_json()
+    if key not in _SCORERS:
+        _SCORERS[key] = _Scorer(config)
+    return _SCORERS[key]
+
+
+def _close_scorers() -> None:
+    while _SCORERS:
+        _SCORERS.popitem()[1].close()
+
+
+# -- one partition of posts: the same function for every engine --------------------------------
+
+@dataclass
+class LabelTask:
+    """What a partition needs: plain values, so that a Ray task can receive it."""
+
+    store_dir: str
+    config: LabelConfig
+    part: int
+    parts: int
+    bots: list[str]
+    score_in_process: bool = False
+
+
+@dataclass
+class PartitionLabels:
+    """A partition's votes, pairs and reply sentiment (Arrow), and what it counted."""
+
+    votes: pa.Table
+    pairs: pa.Table
+    sentiment: pa.Table
+    replies_scored: int = 0
+    distinct_texts: int = 0
+    pool_workers: int = 1
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def label_partition(task: LabelTask) -> PartitionLabels:
+    """Votes, pairs and reply sentiment of the turns whose post falls in partition `task.part`
+    (mining.schema.THREAD_KEYS): every group, sibling and reply of a post is in the same partition."""
+    config = task.config
+    clock = _Clock()
+    with Store(task.store_dir, read_only=True) as store, store.partitioned(("turns",), task.part, task.parts):
+        votes = config.votes
+        group = {"post": "post_id", "post_depth": "post_id || ':' || depth", "parent": "parent_id"}[votes.group_by]
+        time_feature = "ln(1 + delay)" if votes.time_transform == "log" else "delay"
+        vote_rows = store.arrow(_VOTES_SQL.format(group=group, time_feature=time_feature),
+                                {"min_replies": votes.min_replies, "w_rank": votes.w_rank,
+                                 "w_time": votes.w_time})
+        clock.lap("votes")
+        pair_rows = _pairs(store, config)
+        clock.lap("pairs")
+        store.execute(_REPLIES_SQL, {"bots": task.bots})
+        replies = store.value("SELECT count(*) FROM replies")
+        # Score each distinct text once: repeated replies ("lol", "this") are common on Reddit.
+        texts = [row[0] for row in store.rows("SELECT DISTINCT body FROM replies")]
+        clock.lap("replies_fetch")
+        scorer = _scorer(config.sentiment, task.score_in_process)
+        compounds = scorer(texts)
+        clock.lap("vader")
+        scored = pa.table({"body": pa.array(texts, pa.string()), "compound": pa.array(compounds, pa.float64())})
+        with store.registered("scored", scored):
+            sentiment = store.arrow(_SENTIMENT_SQL, {"floor": config.sentiment.weight_floor,
+                                                     "pos": config.sentiment.positive_threshold})
+        clock.lap("sentiment_aggregate")
+    return PartitionLabels(vote_rows, pair_rows, sentiment, replies, len(texts),
+                           scorer.workers if scorer._pool is not None else 1, clock.seconds)
+
+
+def _pairs(store: Store, config: LabelConfig) -> pa.Table:
+    parts = []
+    shp, adjacent = config.shp, config.time_adjacent
+    if shp.enabled:
+        parts.append(store.arrow(_SHP_SQL, {
+            "min_reply_score": shp.min_reply_score, "top_level_only": shp.top_level_only,
+            "min_post_score": shp.min_post_score, "allow_unknown_post": shp.unknown_post == "allow",
+            "max_candidates": shp.max_candidates_per_parent, "min_ratio": shp.min_ratio,
+            "max_pairs_per_post": shp.max_pairs_per_post}))
+    if adjacent.enabled:
+        parts.append(store.arrow(_TIME_ADJACENT_SQL, {"max_gap_s": adjacent.max_gap_s,
+                                                      "min_score_diff": adjacent.min_score_diff}))
+    return pa.concat_tables([t.cast(PAIR_SCHEMA) for t in parts]) if parts else empty_table(PAIR_SCHEMA)
+
+
+class _Clock:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
+
+
 # -- the pipeline ------------------------------------------------------------------------------
 
-_DROP_WORK_SQL = "DROP TABLE IF EXISTS labels_new; DROP TABLE IF EXISTS pairs_new; DROP TABLE IF EXISTS sentiment_new"
-
-# Work tables, filled partition by partition, then turned into `labels` and `pairs` in one swap.
-_TABLES_SQL = f"""{_DROP_WORK_SQL};
-CREATE TABLE labels_new (comment_id VARCHAR, post_id VARCHAR, subreddit VARCHAR, group_size INTEGER,
-                         z_rank DOUBLE, z_time DOUBLE, adjusted DOUBLE);
-{create_table_sql("pairs_new", PAIR_SCHEMA)};
-CREATE TABLE sentiment_new (turn_id VARCHAR, n BIGINT, mean DOUBLE, weighted_mean DOUBLE, positive_share DOUBLE);
-"""
-
-
-def label_store(store_dir: str | Path, config: LabelConfig | None = None, progress=None) -> LabelReport:
+def label_store(store_dir: str | Path, config: LabelConfig | None = None, progress=None,
+                engine=None) -> LabelReport:
     """Compute `labels` and `pairs` for every turn of the store, replacing earlier results atomically.
 
-    `config=None` reads configs/labels.yaml. `progress(n)` is called with the number of turns done
-    after each partition.
+    `config=None` reads configs/labels.yaml. The partitions of posts run on `engine` (ahf.engine;
+    default: this process); the tiers (quantiles over all partitions) and the swap run here.
+    `progress(n)` is called with the number of turns done after each partition.
     """
+    from ahf.engine import LocalEngine
+
     config = config or load_config(LabelConfig, "labels")
+    engine = engine or LocalEngine()
     started = time.perf_counter()
     report = LabelReport()
-    with Store(store_dir, create=False) as store:
+    with Store(store_dir, read_only=True) as store:
         report.turns = store.require("turns", f"run `ahf turns --store {store_dir}` first")
-        report.partitions = parts = max(1, math.ceil(report.turns / config.partition_turns))
         bots = _bot_authors(store)
-        store.execute(_TABLES_SQL)
-        scorer = _Scorer(config.sentiment)
-        try:
-            for part in range(parts):
-                _label_partition(store, config, {"parts": parts, "part": part}, bots, scorer, report)
-                if progress:
-                    progress(report.turns // parts)
-            report.workers = scorer.workers if scorer._pool is not None else 1
-            t = time.perf_counter()
-            _finish(store, config, report)
-            report.timed("tiers_and_swap", t)
-        finally:  # the previous labels / pairs stay unless the swap committed
-            store.execute(_DROP_WORK_SQL)
-            scorer.close()
+    report.partitions = parts = max(1, math.ceil(report.turns / config.partition_turns))
+    tasks = [LabelTask(str(store_dir), config, part, parts, bots, score_in_process=engine.name != "local")
+             for part in range(parts)]
+    results = []
+    try:
+        for result in engine.map(label_partition, tasks):
+            results.append(result)
+            report.replies_scored += result.replies_scored
+            report.distinct_texts += result.distinct_texts
+            for phase, seconds in result.phase_seconds.items():
+                report.phase_seconds[phase] = round(report.phase_seconds.get(phase, 0.0) + seconds, 3)
+            if progress:
+                progress(report.turns // parts)
+    finally:
+        _close_scorers()
+    report.workers = engine.workers if engine.name != "local" else max(r.pool_workers for r in results)
+    t = time.perf_counter()
+    with Store(store_dir, create=False) as store:
+        _finish(store, config, report, results)
+    report.timed("tiers_and_swap", t)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -388,46 +487,8 @@ def _bot_authors(store: Store) -> list[str]:
     return built_with["bot_authors"] if built_with else load_config(MiningConfig, "mining").turns.bot_authors
 
 
-def _label_partition(store: Store, config: LabelConfig, where: dict, bots: list[str], scorer: _Scorer,
-                     report: LabelReport) -> None:
-    t = time.perf_counter()
-    votes = config.votes
-    group = {"post": "post_id", "post_depth": "post_id || ':' || depth", "parent": "parent_id"}[votes.group_by]
-    time_feature = "ln(1 + delay)" if votes.time_transform == "log" else "delay"
-    store.execute(_VOTES_SQL.format(group=group, time_feature=time_feature),
-                  {**where, "min_replies": votes.min_replies, "w_rank": votes.w_rank, "w_time": votes.w_time})
-    t = report.timed("votes", t)
-    shp = config.shp
-    if shp.enabled:
-        store.execute(_SHP_SQL, {**where, "min_reply_score": shp.min_reply_score,
-                                 "top_level_only": shp.top_level_only, "min_post_score": shp.min_post_score,
-                                 "allow_unknown_post": shp.unknown_post == "allow",
-                                 "max_candidates": shp.max_candidates_per_parent, "min_ratio": shp.min_ratio,
-                                 "max_pairs_per_post": shp.max_pairs_per_post})
-    adjacent = config.time_adjacent
-    if adjacent.enabled:
-        store.execute(_TIME_ADJACENT_SQL, {**where, "max_gap_s": adjacent.max_gap_s,
-                                           "min_score_diff": adjacent.min_score_diff})
-    t = report.timed("pairs", t)
-    sentiment = config.sentiment
-    store.execute(_REPLIES_SQL, {**where, "bots": bots})
-    report.replies_scored += store.value("SELECT count(*) FROM replies")
-    # Score each distinct text once: repeated replies ("lol", "this") are common on Reddit.
-    texts = [row[0] for row in store.rows("SELECT DISTINCT body FROM replies")]
-    report.distinct_texts += len(texts)
-    t = report.timed("replies_fetch", t)
-    compounds = scorer(texts)
-    t = report.timed("vader", t)
-    scored = pa.table({"body": pa.array(texts, pa.string()), "compound": pa.array(compounds, pa.float64())})
-    try:
-        with store.registered("scored", scored):
-            store.execute(_SENTIMENT_SQL, {"floor": sentiment.weight_floor, "pos": sentiment.positive_threshold})
-    finally:
-        store.execute("DROP TABLE replies")
-    report.timed("sentiment_aggregate", t)
-
-
-def _finish(store: Store, config: LabelConfig, report: LabelReport) -> None:
+def _finish(store: Store, config: LabelConfig, report: LabelReport, results: list[PartitionLabels]) -> None:
+    """Tiers over every partition's votes, rewards, and the swap of `labels` and `pairs`."""
     votes, reward = config.votes, config.reward
     by_subreddit = votes.tier_by == "subreddit"
     sql = _FINAL_SQL.format(
@@ -437,9 +498,14 @@ def _finish(store: Store, config: LabelConfig, report: LabelReport) -> None:
     )
     params = {"q_lo": votes.tier_quantiles[0], "q_hi": votes.tier_quantiles[1], "w_vote": reward.w_vote,
               "w_sentiment": reward.w_sentiment, "missing": reward.missing_sentiment}
-    store.replace_tables({"labels": (sql, params),
-                          "pairs": "SELECT * FROM pairs_new ORDER BY post_id, rule, chosen_id, rejected_id"},
-                         meta={"labels_config": config.model_dump(mode="json")})
+    gathered = {name: pa.concat_tables([getattr(r, attr) for r in results])
+                for name, attr in (("labels_new", "votes"), ("pairs_new", "pairs"), ("sentiment_new", "sentiment"))}
+    with store.registered("labels_new", gathered["labels_new"]), \
+            store.registered("pairs_new", gathered["pairs_new"]), \
+            store.registered("sentiment_new", gathered["sentiment_new"]):
+        store.replace_tables({"labels": (sql, params),
+                              "pairs": "SELECT * FROM pairs_new ORDER BY post_id, rule, chosen_id, rejected_id"},
+                             meta={"labels_config": config.model_dump(mode="json")})
     report.labelled = store.value("SELECT count(*) FROM labels WHERE adjusted IS NOT NULL")
     report.tiers = dict(store.rows("SELECT tier, count(*) FROM labels WHERE tier IS NOT NULL GROUP BY tier ORDER BY tier"))
     report.pairs = dict(store.rows("SELECT rule, count(*) FROM pairs GROUP BY rule ORDER BY rule"))

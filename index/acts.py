@@ -73,6 +73,8 @@ class ActsConfig(StageConfig):
     dense_low: float = Field(0.10, description="cosine mapped to a dense cue of 0")
     dense_high: float = Field(0.55, description="cosine mapped to a dense cue of 1")
     bm25_depth: float = Field(0.25, gt=0, description="fraction of turns (< 1) or a number of hits")
+    partition_turns: int = Field(1_000_000, ge=1, description="turns per partition of threads whose text cues a "
+                                                             "parallel engine computes (--engine ray)")
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig, description="the weak-label classifier")
     acts: dict[str, ActDef] = Field(default_factory=dict, description="the act definitions, by name")
 
@@ -148,13 +150,40 @@ class ActsReport:
         return out
 
 
-def score_acts(turns: pa.Table, vectors: np.ndarray, exemplar_vectors: dict[str, np.ndarray],
+def text_cues(turns: pa.Table, config: ActsConfig) -> pa.Table:
+    """What the acts need from each turn's texts: its id, the reply's word count, and each act's
+    structure score (`structure:<act>`): the per-turn work, done by partitions (`cue_partition`)."""
+    columns = {"comment_id": turns["comment_id"], "words": word_counts(turns["reply"])}
+    columns |= {f"structure:{name}": structure_scores(turns, act) for name, act in config.acts.items()}
+    return pa.table(columns)
+
+
+@dataclass
+class CueTask:
+    """One partition of threads: this process's open store (local) or the store's path (a Ray task)."""
+
+    store: object
+    config: ActsConfig
+    part: int
+    parts: int
+
+
+def cue_partition(task: CueTask) -> pa.Table:
+    """`text_cues` of the turns of the threads in partition `task.part`: the same function for every engine."""
+    from index.corpus import read_turns
+    from mining.store import Store
+
+    with Store.reading(task.store) as store, store.partitioned(("turns", "comments"), task.part, task.parts):
+        return text_cues(read_turns(store), task.config)
+
+
+def score_acts(cues: pa.Table, vectors: np.ndarray, exemplar_vectors: dict[str, np.ndarray],
                bm25: dict[str, np.ndarray], config: ActsConfig) -> tuple[dict[str, np.ndarray], ClassifierReport | None]:
-    """Confidence of every act for every turn (row order of `turns`), and the classifier's report."""
+    """Confidence of every act for every turn (row order of `cues`, see `text_cues`), and the classifier's report."""
     w = config.weights
     total_weight = (w.structure + w.dense + w.bm25 + w.length + w.classifier) or 1.0
-    words = word_counts(turns["reply"])
-    structure = {name: structure_scores(turns, act) for name, act in config.acts.items()}
+    words = cues["words"].to_numpy()
+    structure = {name: cues[f"structure:{name}"].to_numpy() for name in config.acts}
     learned, report = ({name: 0.0 for name in config.acts}, None)
     if w.classifier > 0:
         learned, report = classifier_scores(vectors, structure, config.classifier)
@@ -181,20 +210,28 @@ def assign(confidences: dict[str, np.ndarray], min_confidence: float) -> tuple[n
 
 
 def tag_acts(store_dir: str | Path, config: ActsConfig | None = None,
-             index_root: str | Path | None = None) -> ActsReport:
-    """Tag every turn of the store and write the `acts` table (`config=None`: configs/acts.yaml)."""
+             index_root: str | Path | None = None, engine=None) -> ActsReport:
+    """Tag every turn of the store and write the `acts` table (`config=None`: configs/acts.yaml).
+
+    The turns' text cues are computed by partitions of threads on `engine` (ahf.engine; default:
+    this process, one partition); the cues that need every turn at once (the classifier trained on
+    weak labels, BM25 ranks, the dense index) and the fusion run here."""
+    from ahf.engine import LocalEngine
     from index.bm25 import BM25Searcher
-    from index.corpus import read_turns
     from index.dense import DenseSearcher
     from index.manifest import default_root
     from mining.store import Store
 
     config = config or load_acts_config()
+    engine = engine or LocalEngine()
     root = Path(index_root) if index_root else default_root(store_dir)
     started = time.perf_counter()
     with Store(store_dir, read_only=True) as store:
-        turns = read_turns(store)
-    ids = turns["comment_id"].to_pylist()
+        parts = engine.partitions(store.require("turns", "run `ahf turns` first"), config.partition_turns)
+        ref = store if engine.name == "local" else str(store_dir)
+        cues = pa.concat_tables(engine.map(cue_partition, [CueTask(ref, config, part, parts) for part in range(parts)]))
+    cues = cues.take(pc.sort_indices(cues, [("comment_id", "ascending")]))  # one order, whatever the partitions
+    ids = cues["comment_id"].to_pylist()
     row_of = {cid: i for i, cid in enumerate(ids)}
     n = len(ids)
     if n == 0:
@@ -214,7 +251,7 @@ def tag_acts(store_dir: str | Path, config: ActsConfig | None = None,
                for name, act in config.acts.items()}
     bm25.close()
 
-    confidences, classifier = score_acts(turns, vectors, exemplars, lexical, config)
+    confidences, classifier = score_acts(cues, vectors, exemplars, lexical, config)
     acts, conf = assign(confidences, config.min_confidence)
     table = pa.table({"comment_id": ids, "act": acts.tolist(),
                       "confidence": pa.array(conf, type=pa.float64())})

@@ -18,13 +18,15 @@ from mining.store import Store
 
 
 def build_index(store_dir: str | Path, config: DenseConfig | None = None, index_root: str | Path | None = None,
-                bm25: bool = True, dense: bool = True, threads: int | None = None, progress=None) -> dict:
+                bm25: bool = True, dense: bool = True, threads: int | None = None, progress=None,
+                engine=None) -> dict:
     """Index every turn; returns what each side did (docs, seconds, how many texts were encoded).
-    `config=None` reads configs/index.yaml."""
+    `config=None` reads configs/index.yaml. `engine` (ahf.engine, default local) encodes the texts
+    the embedding cache lacks and builds the shards of an ivfpq index; BM25 is built here."""
     config = config or load_config(DenseConfig, "index")
     root = Path(index_root) if index_root else default_root(store_dir)
     started = time.perf_counter()
-    result: dict = {"store": str(store_dir), "index": str(root)}
+    result: dict = {"store": str(store_dir), "index": str(root), "engine": getattr(engine, "name", "local")}
     with Store(store_dir, read_only=True) as store:
         result["turns"] = require_turns(store)
         if bm25:
@@ -33,6 +35,6 @@ def build_index(store_dir: str | Path, config: DenseConfig | None = None, index_
             turns = store.arrow("SELECT comment_id, reply FROM turns ORDER BY comment_id")
     if dense:
         result["dense"] = build_dense(turns["comment_id"].to_pylist(), turns["reply"].to_pylist(), root,
-                                      config, progress=progress).to_dict()
+                                      config, progress=progress, engine=engine).to_dict()
     result["seconds"] = round(time.perf_counter() - started, 3)
     return result

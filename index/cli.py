@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ahf.args import add_config, add_json, add_store, shared_verb
+from ahf.args import add_config, add_engine, add_json, add_store, shared_verb
 from ahf.console import emit, progress_bar
 
 
@@ -20,9 +20,11 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("index", help="build BM25 (Lucene) and dense (FAISS) indexes over the turns")
     _common(p)
     p.add_argument("--encoder", help="sentence-transformers model name or path (default: all-MiniLM-L6-v2, offline)")
-    p.add_argument("--index-type", choices=["auto", "flat", "hnsw"], help="FAISS index (default auto: by size)")
+    p.add_argument("--index-type", choices=["auto", "flat", "hnsw", "ivfpq"],
+                   help="FAISS index (default auto: by size; ivfpq: sharded, past one machine's memory)")
     p.add_argument("--only", choices=["bm25", "dense"], help="build one side only")
     p.add_argument("--threads", type=int, help="Lucene indexing threads (default: CPU count, at most 8)")
+    add_engine(p)
     add_config(p, "index")
     p.set_defaults(handler=run_index)
 
@@ -31,6 +33,7 @@ def add_commands(subparsers) -> None:
     p = acts_sub.add_parser("tag", help="tag every turn with its dialog act and a confidence (table `acts`)")
     _common(p)
     add_config(p, "acts")
+    add_engine(p)
     p.set_defaults(handler=run_acts_tag)
     p = acts_sub.add_parser("checkset", help="write the labelled check set built from ../shared/data")
     p.add_argument("--data", default="../shared/data", help="the shared real-data folder")
@@ -58,22 +61,27 @@ def add_commands(subparsers) -> None:
 
 def run_index(args) -> int:
     from ahf.config import load_config
+    from ahf.engine import make_engine
     from index.build import build_index
     from index.dense import DenseConfig
 
     config = load_config(DenseConfig, "index", args.config, args.set)
     flags = {"encoder": args.encoder, "index_type": args.index_type}
     config = DenseConfig.model_validate({**config.model_dump(), **{k: v for k, v in flags.items() if v}})
-    with progress_bar("index", enabled=not args.json) as advance:
+    with make_engine(args.engine, args.ray_address) as engine, progress_bar("index", enabled=not args.json) as advance:
         result = build_index(args.store, config, args.index_dir, bm25=args.only != "dense",
-                             dense=args.only != "bm25", threads=args.threads, progress=advance)
+                             dense=args.only != "bm25", threads=args.threads, progress=advance, engine=engine)
     lines = [f"{result['turns']:,} turns indexed in {result['seconds']:.1f}s"]
     if "bm25" in result:
         lines.append(f"bm25: {result['bm25']['docs']:,} docs ({result['bm25']['docs_per_s']:,} docs/s)")
     if "dense" in result:
         d = result["dense"]
-        lines.append(f"dense: {d['docs']:,} docs, {d['index_type']}, {d['mode']}; encoded {d['encoded']:,}, "
-                     f"from cache {d['cached']:,}")
+        lines.append(f"dense: {d['docs']:,} docs, {d['index_type']}, {d['mode']}; encoded {d['encoded']:,} "
+                     f"({d['encoded_on']}), from cache {d['cached']:,}")
+        if d["recall"]:
+            r = d["recall"]
+            lines.append(f"dense: {d['shards']} shards; recall@10 {r['at_10']:.3f} against exact search "
+                         f"({r['queries']} held-out turns, nprobe {r['nprobe']}, refine {r['refine']})")
     emit(result, args.json, "\n".join(lines))
     return 0
 
@@ -81,7 +89,10 @@ def run_index(args) -> int:
 def run_acts_tag(args) -> int:
     from index.acts import load_acts_config, tag_acts
 
-    report = tag_acts(args.store, load_acts_config(args.config, args.set), args.index_dir)
+    from ahf.engine import make_engine
+
+    with make_engine(args.engine, args.ray_address) as engine:
+        report = tag_acts(args.store, load_acts_config(args.config, args.set), args.index_dir, engine=engine)
     counts = ", ".join(f"{a} {n:,}" for a, n in report.counts.items())
     emit(report.to_dict(), args.json, f"tagged {report.turns:,} turns: {counts}")
     return 0

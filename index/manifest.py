@@ -4,7 +4,9 @@ Layout of an index root (default `STORE/index/`):
 
     manifest.json          {"bm25": {"dir": "bm25-…", ...}, "dense": {"dir": "dense-…", ...}}
     bm25-<stamp>/          a Lucene index (Anserini)
-    dense-<stamp>/         faiss `index`, `docid` (one comment id per line), `text_key.npy`, `meta.json`
+    dense-<stamp>/         faiss `index`, `docid` (one comment id per line), `text_key.npy`, `meta.json`;
+                           an ivfpq build has `trained.index` and `shard-NNN/` directories instead of
+                           `index`, each listed with its docs under "shards" in meta.json and here
     embeddings/<encoder>/  the embedding cache (see index.dense)
 
 A build writes a fresh `<kind>-<stamp>/` directory, then replaces `manifest.json` with

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.markup import escape
 
-from ahf.args import add_config, add_json, add_store
+from ahf.args import add_config, add_engine, add_json, add_store
 from ahf.console import emit, progress_bar
 
 
@@ -16,12 +16,14 @@ def add_commands(subparsers) -> None:
     p.add_argument("--batch-rows", type=int, default=245_760,
                    help="rows per committed transaction, rounded down to whole DuckDB row groups (122,880)")
     add_config(p, "mining")
+    add_engine(p)
     add_json(p)
     p.set_defaults(handler=run_ingest)
 
     p = subparsers.add_parser("turns", help="rebuild threads and dialog turns from the store")
     add_store(p)
     add_config(p, "mining")
+    add_engine(p)
     add_json(p)
     p.set_defaults(handler=run_turns)
 
@@ -41,10 +43,13 @@ def _mining_config(args):
 def run_ingest(args) -> int:
     from mining.ingest import ingest
 
+    from ahf.engine import make_engine
+
     config = _mining_config(args)
-    with progress_bar("ingest", unit="bytes", enabled=not args.json) as advance:
+    with make_engine(args.engine, args.ray_address) as engine, \
+            progress_bar("ingest", unit="bytes", enabled=not args.json) as advance:
         report = ingest(args.paths, args.store, batch_rows=args.batch_rows, progress=advance,
-                        rebuild=not args.no_turns, turn_config=config.turns)
+                        rebuild=not args.no_turns, turn_config=config.turns, engine=engine)
     result = report.to_dict()
     lines = [f"read {report.records_read:,} records: ingested {report.ingested:,}, "
              f"skipped {sum(report.skipped.values()):,} {escape(str(report.skipped)) if report.skipped else ''}",
@@ -60,7 +65,10 @@ def run_ingest(args) -> int:
 def run_turns(args) -> int:
     from mining.turns import build_turns
 
-    report = build_turns(args.store, _mining_config(args).turns)
+    from ahf.engine import make_engine
+
+    with make_engine(args.engine, args.ray_address) as engine:
+        report = build_turns(args.store, _mining_config(args).turns, engine)
     emit(report.to_dict(), args.json, f"turns: {report.turns:,} (filtered {escape(str(report.filtered))})")
     return 0
 

@@ -22,13 +22,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ahf.console import UserError
 
 from mining.normalize import ParsedBlock, ParserPool, RowBuffer, SkipRecord, normalize_record
 from mining.readers import Document, InputError, LineBlock, read_items, split_lines
 from mining.reddit_api import iter_document
-from mining.store import ROW_GROUP_ROWS, Store
+from mining.store import ROW_GROUP_ROWS, Store, task_threads
 from mining.turns import TurnConfig, TurnReport, rebuild_turns
 
 DEFAULT_BATCH_ROWS = 2 * ROW_GROUP_ROWS  # 245,760
@@ -114,17 +116,21 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-class _Batcher:
-    """Collects rows and commits them to the store every `batch_rows` rows.
+Sink = Callable[[pa.Table, pa.Table], None]  # takes one batch: (comments, posts)
 
-    With `background=True` the commits run in a writer thread (DuckDB releases the GIL), so that
+
+class _Batcher:
+    """Collects rows and hands them to `sink` (the store's upsert, or a Ray task's Parquet files)
+    every `batch_rows` rows: the batches are the same whoever receives them.
+
+    With `background=True` the sink runs in a writer thread (DuckDB releases the GIL), so that
     parsing the next batch overlaps writing this one; at most one batch is being written while the
     next one fills, which keeps memory at two batches whatever the input size.
     """
 
-    def __init__(self, store: Store, batch_rows: int, background: bool = False):
-        self.store, self.batch_rows, self.rows = store, whole_row_groups(batch_rows), RowBuffer()
-        self._writer = _Writer(store) if background else None
+    def __init__(self, sink: Sink, batch_rows: int, background: bool = False):
+        self.sink, self.batch_rows, self.rows = sink, whole_row_groups(batch_rows), RowBuffer()
+        self._writer = _Writer(sink) if background else None
 
     def maybe_flush(self) -> None:
         while len(self.rows) >= self.batch_rows:
@@ -135,7 +141,7 @@ class _Batcher:
             if self._writer:
                 self._writer.submit(*self.rows.take(limit))
             else:
-                self.store.upsert(*self.rows.take(limit))
+                self.sink(*self.rows.take(limit))
 
     def close(self) -> None:
         """Commit what is left and wait for the writer; re-raises a failed write."""
@@ -164,10 +170,10 @@ def whole_row_groups(batch_rows: int) -> int:
 
 
 class _Writer:
-    """A thread that upserts the batches handed to it, one at a time, in order."""
+    """A thread that hands the batches given to it to the sink, one at a time, in order."""
 
-    def __init__(self, store: Store):
-        self._store = store
+    def __init__(self, sink: Sink):
+        self._sink = sink
         self._batches: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
@@ -180,7 +186,7 @@ class _Writer:
                 if batch is None:
                     return
                 if self._error is None:  # after a failure, drop the rest: the caller re-raises
-                    self._store.upsert(*batch)
+                    self._sink(*batch)
             except BaseException as exc:
                 self._error = exc
             finally:
@@ -259,14 +265,15 @@ def _add_record(record, where: str, report: FileReport, rows: RowBuffer, retriev
     report.ingested += 1
 
 
-def ingest_file(store: Store, path: Path, batch_rows: int = DEFAULT_BATCH_ROWS,
+def ingest_file(sink: Sink, path: Path, batch_rows: int = DEFAULT_BATCH_ROWS,
                 on_bytes: Callable[[int], None] | None = None,
                 retrieved_default: int | None = None, parsers: ParserPool | None = None) -> FileReport:
+    """Read one file into batches for `sink` (a store's `upsert`, or a writer of Parquet parts)."""
     if parsers is None:
         with ParserPool(parse_threads()) as own:
-            return ingest_file(store, path, batch_rows, on_bytes, retrieved_default, own)
+            return ingest_file(sink, path, batch_rows, on_bytes, retrieved_default, own)
     report = FileReport(str(path), bytes=path.stat().st_size)
-    batcher = _Batcher(store, batch_rows, background=True)
+    batcher = _Batcher(sink, batch_rows, background=True)
     # Blocks are parsed ahead in the pool's threads and taken back in order, so rows keep line order.
     in_flight: deque[tuple[LineBlock, Future | None]] = deque()
 
@@ -301,6 +308,46 @@ def ingest_file(store: Store, path: Path, batch_rows: int = DEFAULT_BATCH_ROWS,
     return report
 
 
+class _ParquetParts:
+    """A sink that writes each batch as two Parquet files (comments, posts) in `folder`, in order:
+    a Ray task's output, which the driver upserts batch by batch, so the store sees the same batches."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.parts = folder, []
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, comments: pa.Table, posts: pa.Table) -> None:
+        stem = self.folder / f"batch-{len(self.parts):06d}"
+        pq.write_table(comments, f"{stem}.comments.parquet", compression="none")
+        pq.write_table(posts, f"{stem}.posts.parquet", compression="none")
+        self.parts.append((f"{stem}.comments.parquet", f"{stem}.posts.parquet"))
+
+
+@dataclass
+class IngestTask:
+    """One input file. Locally `sink` is the open store's upsert (and the parser pool and progress
+    are shared); a Ray task gets `out`, a folder under the store's scratch for its batches."""
+
+    path: str
+    batch_rows: int
+    sink: Sink | None = None
+    out: str | None = None
+    parsers: ParserPool | None = None
+    on_bytes: Callable[[int], None] | None = None
+
+
+def ingest_partition(task: IngestTask) -> tuple[FileReport, list[tuple[str, str]]]:
+    """Read one file into batches, the same function for every engine: to the store directly (local)
+    or to Parquet parts (a Ray task); returns the file's accounting and the parts written."""
+    path = Path(task.path)
+    if task.sink is not None:
+        return ingest_file(task.sink, path, task.batch_rows, task.on_bytes, parsers=task.parsers), []
+    parts = _ParquetParts(Path(task.out))
+    with ParserPool(task_threads() or parse_threads(), task.out) as parsers:  # a task's CPUs, not its node's
+        report = ingest_file(parts, path, task.batch_rows, parsers=parsers)
+    return report, parts.parts
+
+
 def parse_threads() -> int:
     """Parser threads for the ingest: the parse is its longest stage, so two on 2 cores (the
     decompressor and the store writer fill the rest); at most 4."""
@@ -319,7 +366,7 @@ def ingest_records(store: Store, records: Iterator[tuple[str, dict | str]], sour
                    retrieved_default: int | None = None, batch_rows: int = DEFAULT_BATCH_ROWS) -> FileReport:
     """Ingest already-decoded records (e.g. from a live crawl); `(where, record)` as `iter_document` yields."""
     report = FileReport(source)
-    batcher = _Batcher(store, batch_rows)
+    batcher = _Batcher(store.upsert, batch_rows)
     for where, record in records:
         report.records_read += 1
         _add_walked(record, f"{source}:{where}", report, batcher.rows, retrieved_default)
@@ -330,28 +377,54 @@ def ingest_records(store: Store, records: Iterator[tuple[str, dict | str]], sour
 
 def ingest(paths: Iterable[str | Path], store_dir: str | Path, batch_rows: int = DEFAULT_BATCH_ROWS,
            progress: Callable[[int], None] | None = None, rebuild: bool = True,
-           turn_config: TurnConfig | None = None) -> IngestReport:
+           turn_config: TurnConfig | None = None, engine=None) -> IngestReport:
     """Ingest files into the store at `store_dir`, then (`rebuild`) rebuild its turns with
-    `turn_config` (None: configs/mining.yaml); returns the accounting report."""
+    `turn_config` (None: configs/mining.yaml); returns the accounting report.
+
+    Files are the partitions: on the local engine they stream into the store one after another; on
+    Ray each is read by a task into Parquet batches under the store's scratch folder, and this
+    process upserts them in the files' order, batch by batch, so the store takes the same batches
+    in the same order (newest retrieval wins, ties to the later write) whichever engine read them.
+    """
+    from ahf.engine import LocalEngine
+
+    engine = engine or LocalEngine()
     files = expand_paths(paths)
     started = time.perf_counter()
     report = IngestReport()
     with Store(store_dir) as store:
-        # the parsers' pipes live in the store: a run killed with -9 leaves them to the next run to remove
-        scratch = store.path / ".tmp"
-        shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir()
+        # scratch (parser pipes, a Ray task's batches) lives in the store: what a kill -9 leaves
+        # behind is removed by the next run
+        shutil.rmtree(store.scratch, ignore_errors=True)
+        store.scratch.mkdir()
         try:
-            with ParserPool(parse_threads(), scratch) as parsers, _bulk_load(store):
-                for path in files:
-                    report.files.append(ingest_file(store, path, batch_rows, on_bytes=progress, parsers=parsers))
+            with _bulk_load(store):
+                report.files = _load(store, files, batch_rows, progress, engine)
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(store.scratch, ignore_errors=True)
         report.store = summary_counts(store)
         if rebuild:
-            report.turns = rebuild_turns(store, turn_config)
+            report.turns = rebuild_turns(store, turn_config, engine)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _load(store: Store, files: list[Path], batch_rows: int, progress, engine) -> list[FileReport]:
+    if engine.name == "local":
+        with ParserPool(parse_threads(), store.scratch) as parsers:
+            tasks = [IngestTask(str(path), batch_rows, sink=store.upsert, parsers=parsers, on_bytes=progress)
+                     for path in files]
+            return [file_report for file_report, _ in engine.map(ingest_partition, tasks)]
+    tasks = [IngestTask(str(path), batch_rows, out=str(store.scratch / f"file-{i:05d}")) for i, path in enumerate(files)]
+    reports = []
+    for (file_report, parts), task in zip(engine.map(ingest_partition, tasks), tasks):
+        for comments, posts in parts:  # in the file's order: later writes win ties, as locally
+            store.upsert(pq.read_table(comments), pq.read_table(posts))
+        shutil.rmtree(task.out, ignore_errors=True)
+        if progress:
+            progress(file_report.bytes)
+        reports.append(file_report)
+    return reports
 
 
 @contextmanager

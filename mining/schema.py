@@ -153,6 +153,12 @@ MUTABLE_COMMENT_COLUMNS = ("author", "body", "score", "distinguished", "stickied
 MUTABLE_POST_COLUMNS = ("title", "selftext", "author", "score", "over_18", "num_comments",
                         "link_flair_text", "retrieved_utc")
 
+# The thread a row belongs to, as one string per table: partitions of threads (`hash(key) % parts`,
+# Store.partitioned) keep a post, its comments and everything derived from them together, so a
+# thread's tree, siblings, replies and contexts are whole in one partition.
+THREAD_KEYS = {"comments": "link_id", "posts": "'t3_' || id", "turns": "'t3_' || post_id",
+               "labels": "'t3_' || post_id", "pairs": "'t3_' || post_id"}
+
 # Between the parts of a turn's context, and after it where a prompt ends (exports, trainers).
 CONTEXT_SEPARATOR = "\n\n"
 

@@ -20,7 +20,11 @@ writes and held ~40 bytes per id in memory. Each batch is merged set-wise instea
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +40,7 @@ from mining.schema import (
     MUTABLE_POST_COLUMNS,
     POST_SCHEMA,
     SCHEMAS,
+    THREAD_KEYS,
     create_table_sql,
     turn_rows_sql,
 )
@@ -58,6 +63,13 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
     except BaseException:
         con.execute("ROLLBACK")
         raise
+
+
+def task_threads() -> int | None:
+    """The CPUs a Ray task was given (Ray sets OMP_NUM_THREADS to them in its workers), or None
+    outside one: a task's DuckDB and parsers use that many threads, so tasks never oversubscribe."""
+    value = os.environ.get("OMP_NUM_THREADS")
+    return int(value) if value and value.isdigit() and int(value) > 0 else None
 
 
 class StoreError(UserError):
@@ -93,15 +105,19 @@ class Store:
                 raise StoreError(f"no store at {self.path} (expected {db}); run `ahf ingest` first")
         else:
             self.path.mkdir(parents=True, exist_ok=True)
-        try:
-            self.con = duckdb.connect(str(db), read_only=read_only)
-        except duckdb.Error as exc:
-            raise StoreError(f"cannot open store {db}: {exc}") from exc
         self.read_only = read_only
-        # DuckDB draws its progress bar on stdout, which belongs to `--json` output
-        self.con.execute("SET enable_progress_bar = false")
+        self._connect()
         if not read_only:
             self._init_schema()
+
+    def _connect(self) -> None:
+        db = self.path / DB_NAME
+        try:
+            self.con = duckdb.connect(str(db), read_only=self.read_only)
+        except duckdb.Error as exc:
+            raise StoreError(f"cannot open store {db}: {exc}") from exc
+        # DuckDB draws its progress bar on stdout, which belongs to `--json` output
+        self.con.execute("SET enable_progress_bar = false")
 
     def _init_schema(self) -> None:
         self.con.execute("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
@@ -119,6 +135,70 @@ class Store:
 
     def close(self) -> None:
         self.con.close()
+
+    # ------------------------------------------------------------------ partitions (ahf.engine)
+
+    @classmethod
+    @contextmanager
+    def reading(cls, ref: str | Path | Store) -> Iterator[Store]:
+        """The store a partition function reads: this process's open store as it is, or the store at a
+        path opened read-only (a Ray task's, in another process) and closed afterwards."""
+        if isinstance(ref, Store):
+            yield ref
+            return
+        with cls(ref, read_only=True) as store:
+            threads = task_threads()
+            if threads:  # a task's share of its node, not every core of it
+                store.execute(f"SET threads = {threads}")
+            yield store
+
+    @contextmanager
+    def released(self, engine_name: str) -> Iterator[None]:
+        """Let other processes read the store during the block (a DuckDB file has one writer, who
+        excludes readers): closed and reopened for the Ray engine, untouched for the local one."""
+        if engine_name == "local" or self.read_only:
+            yield
+            return
+        self.con.close()
+        try:
+            yield
+        finally:
+            self._connect()
+
+    @contextmanager
+    def partitioned(self, tables: tuple[str, ...], part: int, parts: int) -> Iterator[None]:
+        """Inside the block, each of `tables` holds only the rows of the threads in partition `part`
+        (`hash(THREAD_KEYS[table]) % parts == part`; temp views shadow the tables), so a stage's SQL
+        runs unchanged on one partition of threads."""
+        if parts == 1:
+            yield
+            return
+        catalog = self.value("SELECT current_database()")
+        for table in tables:
+            self.con.execute(f"CREATE OR REPLACE TEMP VIEW {table} AS SELECT * FROM {catalog}.main.{table} "
+                             f"WHERE hash({THREAD_KEYS[table]}) % {int(parts)} = {int(part)}")
+        try:
+            yield
+        finally:
+            for table in tables:
+                self.con.execute(f"DROP VIEW IF EXISTS temp.main.{table}")
+
+    @property
+    def scratch(self) -> Path:
+        """STORE/.tmp: files a run writes on its way (partition outputs, parser pipes), removed after it."""
+        return self.path / ".tmp"
+
+    @contextmanager
+    def scratch_dir(self, name: str) -> Iterator[Path]:
+        """A fresh folder under `scratch` for the block, removed afterwards (and `scratch` with it when empty)."""
+        folder = self.scratch / f"{name}-{uuid.uuid4().hex[:8]}"
+        folder.mkdir(parents=True)
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.scratch.rmdir()
 
     def upsert(self, comments: pa.Table, posts: pa.Table) -> None:
         """Write one batch atomically: one row per id, the newest retrieval winning.

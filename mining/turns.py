@@ -11,6 +11,7 @@ defined once, in mining.schema.turn_rows_sql. The contract is documented in docs
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,9 @@ class TurnConfig(StageConfig):
                                    description="comments by these authors -> bot_author (and their replies to "
                                                "a turn never count as its reply sentiment)")
     drop_nsfw: bool = Field(True, description="replies under posts marked over_18 -> nsfw")
+    partition_comments: int = Field(
+        2_000_000, ge=1, description="comments per partition of threads on a parallel engine (--engine ray); "
+                                     "the local engine builds all threads in one partition")
 
 
 class MiningConfig(StageConfig):
@@ -145,7 +149,6 @@ SELECT
 FROM classified k
 JOIN siblings s ON s.id = k.id
 LEFT JOIN kids ON kids.id = k.id
-ORDER BY post_id, depth, sibling_rank
 """
 
 
@@ -154,29 +157,69 @@ def _params(config: TurnConfig) -> dict:
             "drop_nsfw": config.drop_nsfw, "min_chars": config.min_chars}
 
 
-def build_turns(store_dir: str | Path, config: TurnConfig | None = None) -> TurnReport:
+@dataclass
+class TurnsTask:
+    """One partition of threads: plain values, or this process's open store (local engine)."""
+
+    store: str | Store
+    config: TurnConfig
+    part: int
+    parts: int
+    out: str  # the Parquet file this partition's turns go to
+
+
+def turns_partition(task: TurnsTask) -> dict[str | None, int]:
+    """The turns of the threads in partition `task.part` (`hash(link_id) % parts`), written to
+    `task.out`; returns how many comments got each reason (None: a turn). The same function for
+    every engine: the local one calls it on its open store, a Ray task on the store's path."""
+    with Store.reading(task.store) as store, store.partitioned(("comments", "posts"), task.part, task.parts):
+        store.execute(_CLASSIFY_SQL, _params(task.config))
+        try:
+            store.execute(f"COPY ({_TURNS_SQL}) TO '{_quoted(task.out)}' (FORMAT parquet, COMPRESSION uncompressed)")
+            return dict(store.rows("SELECT reason, count(*) FROM turn_classes GROUP BY reason"))
+        finally:
+            store.execute("DROP TABLE IF EXISTS turn_classes")
+
+
+def _quoted(path: str) -> str:
+    return str(path).replace("'", "''")
+
+
+def build_turns(store_dir: str | Path, config: TurnConfig | None = None, engine=None) -> TurnReport:
     """(Re)build the `turns` table of the store at `store_dir`; see `rebuild_turns`."""
     with Store(store_dir, create=False) as store:
-        return rebuild_turns(store, config)
+        return rebuild_turns(store, config, engine)
 
 
-def rebuild_turns(store: Store, config: TurnConfig | None = None) -> TurnReport:
+def rebuild_turns(store: Store, config: TurnConfig | None = None, engine=None) -> TurnReport:
     """(Re)build the `turns` table of an open store; returns the accounting of every comment.
 
-    `config=None` reads configs/mining.yaml (`turns:`). The new table replaces the old one in one
-    transaction with the config it was built with and the comments version it reflects
-    (`ahf stats` compares that with the store's, to say when turns are stale).
+    `config=None` reads configs/mining.yaml (`turns:`). Partitions of threads run on `engine`
+    (ahf.engine; default: this process, one partition: DuckDB parallelises inside it), each into a
+    Parquet file; the new table replaces the old one from those files in one transaction with the
+    config it was built with and the comments version it reflects (`ahf stats` compares that with the
+    store's, to say when turns are stale).
     """
+    from ahf.engine import LocalEngine
+
     config = config or load_config(MiningConfig, "mining").turns
+    engine = engine or LocalEngine()
     started = time.perf_counter()
     source_version = store.meta(COMMENTS_VERSION)
-    store.execute(_CLASSIFY_SQL, _params(config))
-    try:
-        store.replace_tables({"turns": _TURNS_SQL}, meta={
-            "turns_config": config.model_dump(mode="json"), "turns_comments_version": source_version})
-        reasons = dict(store.rows("SELECT reason, count(*) FROM turn_classes GROUP BY reason"))
-    finally:
-        store.execute("DROP TABLE IF EXISTS turn_classes")
+    parts = engine.partitions(store.count("comments"), config.partition_comments)
+    with store.scratch_dir("turns") as scratch:
+        ref = store if engine.name == "local" else str(store.path)
+        tasks = [TurnsTask(ref, config, part, parts, str(scratch / f"part-{part:05d}.parquet"))
+                 for part in range(parts)]
+        reasons: Counter = Counter()
+        with store.released(engine.name):
+            for counts in engine.map(turns_partition, tasks):
+                reasons.update(counts)
+        files = ", ".join(f"'{_quoted(task.out)}'" for task in tasks)
+        store.replace_tables({"turns": f"SELECT * FROM read_parquet([{files}]) "
+                                       "ORDER BY post_id, depth, sibling_rank, comment_id"},
+                             meta={"turns_config": config.model_dump(mode="json"),
+                                   "turns_comments_version": source_version})
     report = TurnReport(comments=store.count("comments"), turns=reasons.pop(None, 0),
                         filtered=dict(sorted(reasons.items())),
                         max_depth=store.value("SELECT coalesce(max(depth), 0) FROM turns"))

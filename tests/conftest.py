@@ -62,3 +62,17 @@ def labelled_real(shared_data, tmp_path_factory):
         return store, label_store(store, config)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray cluster per test session (2 CPUs, on loopback), shut down at the end;
+    ahf.engine.RayEngine uses an already-initialised Ray as it is."""
+    import ray  # the scale extra (ray[data]), installed by scripts/setup.sh
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # a private instance on loopback: no token to manage
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+             _node_ip_address="127.0.0.1")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

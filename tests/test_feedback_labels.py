@@ -180,7 +180,7 @@ def test_a_failed_run_leaves_the_previous_labels(store, monkeypatch):
     pairs_before = _rows(store, "SELECT * FROM pairs ORDER BY rule, chosen_id, rejected_id")
 
     calls = {"n": 0}
-    real = labels_mod._label_partition
+    real = labels_mod.label_partition
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -188,13 +188,13 @@ def test_a_failed_run_leaves_the_previous_labels(store, monkeypatch):
             raise RuntimeError("disk full")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(labels_mod, "_label_partition", failing)
+    monkeypatch.setattr(labels_mod, "label_partition", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         label_store(store, LabelConfig.model_validate({"partition_turns": 5, "votes": {"w_time": 0}}))
     assert _rows(store, "SELECT * FROM labels ORDER BY comment_id") == before
     assert _rows(store, "SELECT * FROM pairs ORDER BY rule, chosen_id, rejected_id") == pairs_before
     assert not {"labels_new", "pairs_new", "sentiment_new"} & _tables(store)  # work tables dropped
-    monkeypatch.setattr(labels_mod, "_label_partition", real)
+    monkeypatch.setattr(labels_mod, "label_partition", real)
     # the next run cleans up and replaces
     label_store(store, LabelConfig.model_validate({"votes": {"w_time": 0}}))
     after = {r["comment_id"]: r for r in _rows(store, "SELECT * FROM labels")}

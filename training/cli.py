@@ -1,5 +1,5 @@
-"""Verbs of the training stage: `train rm|sft|dpo|rloo`, `merge rm`, `eval rm` (`eval` is shared with the
-index stage's `eval acts`, see ahf.args.shared_verb)."""
+"""Verbs of the training stage: `train rm|sft|dpo|rloo`, `train launch` (the commands of a run across
+nodes), `merge rm`, `eval rm` (`eval` is shared with the index stage's `eval acts`, see ahf.args.shared_verb)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,27 @@ def add_commands(subparsers) -> None:
     p.add_argument("--reward-model", help="reward model directory whose score is maximised (required)")
     _train_common(p)
 
+    p = train.add_parser("launch", help="the deepspeed and torchrun commands, hostfile and filled DeepSpeed "
+                                        "config of a train run across nodes (prints and writes, runs nothing)")
+    nodes = p.add_mutually_exclusive_group()
+    nodes.add_argument("--nodes", metavar="HOST,HOST", help="the nodes, comma-separated (the first is the master)")
+    nodes.add_argument("--hostfile", metavar="FILE", help="DeepSpeed's (MPI-style) hostfile: a `HOST slots=GPUS` "
+                                                          "line per node")
+    p.add_argument("--gpus-per-node", type=int, metavar="G", help="ranks per node, one per GPU (default: the "
+                                                                 "hostfile's slots)")
+    p.add_argument("--deepspeed", metavar="NAME", help="a configs/deepspeed name or JSON path (default: the "
+                                                      "training config's `deepspeed`)")
+    p.add_argument("--master-addr", metavar="HOST", help="rank 0's node, reachable from every node (default: "
+                                                         "the first node)")
+    p.add_argument("--master-port", type=int, default=29500, metavar="PORT", help="default: 29500")
+    p.add_argument("--rdzv-id", metavar="ID", help="torchrun's rendezvous id (default: from the run's arguments)")
+    p.add_argument("--write-to", metavar="DIR", help="where hostfile, deepspeed.json and launch.json go "
+                                                     "(default: OUT.launch beside the run's --out)")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, metavar="VERB ...",
+                   help="the run, after the launch options: rm|sft|dpo|rloo DATA --out DIR [--config F] [--set k=v ...]")
+    _common(p, config=False)
+    p.set_defaults(handler=run_launch)
+
     merge = shared_verb(subparsers, "merge", "merge models")
     p = merge.add_parser("rm", help="merge reward models trained from the same base (and the same tasks)")
     p.add_argument("models", nargs="+", help="reward model directories")
@@ -150,6 +171,33 @@ def run_train(args, stdout=None) -> int:
     with progress_bar(f"train {verb}", enabled=not args.json) as advance:
         result = getattr(module, train_function)(config, data, args.out, progress=advance, log=log, **extra)
     _emit(result, args, stdout=stdout, human=_summary(verb, result))
+    return 0
+
+
+@quiet_stdout
+def run_launch(args, stdout=None) -> int:
+    import shlex
+
+    from training.launch import plan_launch
+
+    plan = plan_launch(args.train_args, nodes=args.nodes.split(",") if args.nodes is not None else None,
+                       hostfile=args.hostfile, gpus_per_node=args.gpus_per_node, deepspeed=args.deepspeed,
+                       master_addr=args.master_addr, master_port=args.master_port, rdzv_id=args.rdzv_id,
+                       write_to=args.write_to)
+    batch = plan["global_batch"]
+    lines = [f"{len(plan['nodes'])} nodes x {plan['gpus_per_node']} GPUs = world size {plan['world_size']}; "
+             f"global batch {batch['micro_batch_size']} x {batch['grad_accum']} x {batch['world_size']} = "
+             f"{batch['rows']} rows per optimizer step (micro batch x grad_accum x world size)"]
+    lines += [batch["note"]] if "note" in batch else []
+    lines += [f"hostfile {plan['hostfile']}:", *("  " + line for line in plan["hostfile_text"].splitlines()),
+              f"DeepSpeed launcher, run once on {plan['nodes'][0]} (pdsh over passwordless ssh to the others):",
+              "  " + shlex.join(plan["deepspeed_command"]),
+              f"or torchrun, the same command on every node (c10d rendezvous at {plan['master_addr']}:"
+              f"{plan['master_port']}):", "  " + shlex.join(plan["torchrun_commands"][0]["command"]),
+              f"filled DeepSpeed config ({plan['deepspeed_config_name']}, ZeRO-{plan['zero_stage']}): "
+              f"{plan['deepspeed_config_path']}",
+              f"rank 0 writes {plan['out_dir']} (metrics.jsonl, the model): put it on a filesystem every node shares"]
+    _emit(plan, args, stdout=stdout, human="\n".join(lines))
     return 0
 
 

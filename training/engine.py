@@ -3,7 +3,8 @@
 `configs/deepspeed/<name>.json` (zero0 ... zero3, zero3_offload) hold the ZeRO settings; fields set to
 "auto" are filled from the training config (batch size, learning rate, schedule, bf16). On a machine
 without a launcher (`deepspeed` / `torchrun`) we set the single-process rendezvous variables ourselves
-and use gloo on the CPU, so the same code runs in tests and on one GPU.
+and use gloo on the CPU, so the same code runs in tests and on one GPU. Under a launcher its variables are
+left alone (`rank()` / `world_size()` read them; training.launch writes the launch commands).
 """
 
 from __future__ import annotations
@@ -42,6 +43,22 @@ def ensure_single_process_env() -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
 
 
+def rank() -> int:
+    """This process's global rank (0 without a launcher)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """Processes in the job, over every node (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
+    if world_size() > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def import_deepspeed():
     """DeepSpeed's logger writes to the stdout it saw at import; `--json` keeps stdout for the result
     (and pytest closes its capture streams), so point it at the process's real stderr."""
@@ -54,13 +71,14 @@ def import_deepspeed():
     return deepspeed
 
 
-def _skip_shm_build_for_one_process() -> None:
-    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (1-3 min) on first use. With one
-    process there is nothing to share, so mark the op unavailable and let gloo do the (trivial) work."""
+def _skip_shm_build_on_cpu() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (1-3 min, a C++ compiler) on first
+    use. One process has nothing to share, and the CPU runs several only as a small check of the multi-rank
+    path (tests, `torchrun --nproc_per_node 2`), so mark the op unavailable and let gloo do the all-reduce."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
-    if get_accelerator().device_name() != "cpu" or int(os.environ.get("WORLD_SIZE", "1")) != 1:
+    if get_accelerator().device_name() != "cpu":
         return
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is not None:
@@ -72,9 +90,13 @@ def bf16_available() -> bool:
 
 
 def load_deepspeed_config(name_or_path: str, *, micro_batch_size: int, grad_accum: int, lr: float,
-                          weight_decay: float = 0.0, warmup_steps: int = 0, total_steps: int = 1,
-                          bf16: bool | str = "auto") -> dict[str, Any]:
-    """Read a DeepSpeed JSON (a name in configs/deepspeed/, or a path) and fill its "auto" fields."""
+                          weight_decay: float = 0.0, warmup_steps: int = 0, total_steps: int | None = 1,
+                          bf16: bool | str = "auto", on_gpu: bool | None = None) -> dict[str, Any]:
+    """Read a DeepSpeed JSON (a name in configs/deepspeed/, or a path) and fill its "auto" fields.
+
+    `on_gpu`: the device the config is for (None: this machine's; training.launch plans for GPU nodes from
+    any machine, where bf16 "auto" then means on). `total_steps=None` leaves the schedule's step counts
+    "auto" (a launch plan does not know them: each rank fills them from its data)."""
     path = Path(name_or_path) if Path(name_or_path).suffix else find_config(f"deepspeed/{name_or_path}.json")
     if path is None or not path.is_file():
         known = sorted(p.name.removesuffix(".json") for p in shipped("deepspeed").iterdir() if p.name.endswith(".json"))
@@ -83,13 +105,18 @@ def load_deepspeed_config(name_or_path: str, *, micro_batch_size: int, grad_accu
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON: {exc}") from exc
-    use_bf16 = bf16_available() if bf16 == "auto" else bool(bf16)
-    on_gpu = torch.cuda.is_available()
+    if on_gpu is None:
+        on_gpu = torch.cuda.is_available()
+        use_bf16 = bf16_available() if bf16 == "auto" else bool(bf16)
+    else:
+        use_bf16 = on_gpu if bf16 == "auto" else bool(bf16)
+    steps = {"warmup_num_steps": "auto", "total_num_steps": "auto"} if total_steps is None else {
+        "warmup_num_steps": max(1, warmup_steps), "total_num_steps": max(2, total_steps, warmup_steps + 1)}
     fill = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "lr": lr, "warmup_max_lr": lr, "weight_decay": weight_decay,
-        "warmup_num_steps": max(1, warmup_steps), "total_num_steps": max(2, total_steps, warmup_steps + 1),
+        **steps,
         "enabled": use_bf16,
         # torch's AdamW (fused on GPU) needs no op build; DeepSpeed's FusedAdam would JIT-compile.
         "torch_adam": True,
@@ -137,7 +164,7 @@ def initialize(model: torch.nn.Module, ds_config: dict):
     """`deepspeed.initialize` on whatever device exists. Returns (engine, optimizer, scheduler)."""
     ensure_single_process_env()
     deepspeed = import_deepspeed()
-    _skip_shm_build_for_one_process()
+    _skip_shm_build_on_cpu()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     params = [p for p in model.parameters() if p.requires_grad]

@@ -20,6 +20,15 @@ window's `tokens_per_s` (real, non-padding tokens through the trained model), `f
 `metrics.jsonl` gets one JSON line per entry, one `{"checkpoint": ...}` line per checkpoint and one
 `{"eval": ...}` line after training.
 
+Several ranks (a `deepspeed` / `torchrun` launch, training.launch): data parallel. Every rank builds the same
+epoch (same seed); rank r trains on batches r, r + W, r + 2W, ... (W the world size; the epoch is padded
+by repeating its first batches to a multiple of W, as torch's DistributedSampler does), so the schedule
+counts ceil(batches / W) micro-steps per epoch. Rank 0 alone writes: metrics.jsonl (its own window:
+`tokens_per_s` and `mfu` are per rank), the model, checkpoints and the card; `save()` runs on rank 0 only,
+the other ranks joining the ZeRO-3 gather it starts (`full_state_dict`: the one collective a `save()` may
+use), then every rank waits at a barrier, so that an `evaluate()` reading the saved model back finds it
+(the output directory is on a filesystem every node shares).
+
 MFU as nanoGPT's `estimate_mfu`: flops per token = 6N + 12·L·H·Q·T, N the parameters a token is
 multiplied through (`matmul_params`), L layers, H heads, Q head size, T = `max_length` (so the attention
 term is an upper bound for shorter rows); achieved flops/s = flops per token × tokens/s; MFU = that /
@@ -30,6 +39,7 @@ Work outside the trained forward and backward (a reference model, sampling, scor
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -40,7 +50,7 @@ from torch import nn
 
 from ahf.console import UserError
 from training import data as D
-from training.engine import start_engine
+from training.engine import barrier, gathered, rank, start_engine, world_size, zero_stage
 from training.models import position_limit, update_card
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense tensor-core peaks, by GPU name
@@ -112,6 +122,7 @@ class Trainer:
         self.history: list[dict] = []
         self.checkpoints: list[dict] = []
         self._metrics = None
+        self.rank, self.world = rank(), world_size()  # a launcher's, else 0 of 1
 
     # ------------------------------------------------------------------ what a subclass supplies
     def batches(self) -> list:
@@ -146,7 +157,7 @@ class Trainer:
 
     def checkpoint(self, step: int) -> dict:
         directory = self.out_dir / f"checkpoint-{step}"
-        self.save(directory)
+        self.save_model(directory)
         return {"step": step, "dir": str(directory)}
 
     def read(self, source: D.Source, load: Callable, eval_path: str | Path | None = None) -> tuple[list, list]:
@@ -163,24 +174,45 @@ class Trainer:
         epoch = self.batches()
         if not epoch:
             raise UserError("no training batches: the training data is empty after filtering")
+        epoch = self.shard(epoch)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.flops_per_token = flops_per_token(self.model.config, matmul_params(self.model), self.config.max_length)
         self.peak_flops = self.config.peak_flops or device_peak_flops()
         self.engine, self.ds_config, total_micro, self.total_steps = start_engine(self.model, self.config, len(epoch))
         self.device = self.engine.device
-        path = self.out_dir / "metrics.jsonl" if os.environ.get("RANK", "0") == "0" else os.devnull  # one file
+        path = self.out_dir / "metrics.jsonl" if self.rank == 0 else os.devnull  # one writer
         with open(path, "w") as self._metrics:
             self.on_train_begin()
             started = time.perf_counter()
             tokens = self._fit(epoch, total_micro)
             self.train_seconds = time.perf_counter() - started
-            self.save(self.out_dir, self.card())
+            self.save_model(self.out_dir, self.card())
             evaluation = self.evaluate()
             if evaluation:
                 self.write_metrics({"eval": evaluation})
         result = self._summary(tokens, total_micro) | evaluation
-        update_card(self.out_dir, {"train_result": result})
+        if self.rank == 0:
+            update_card(self.out_dir, {"train_result": result})
         return {**result, "history": self.history, "out_dir": str(self.out_dir)}
+
+    def shard(self, epoch: list) -> list:
+        """This rank's batches of an epoch: every W-th from its rank on, after padding the epoch to a
+        multiple of W with its first batches (every rank steps as often; torch's DistributedSampler pads so)."""
+        if self.world == 1:
+            return epoch
+        total = math.ceil(len(epoch) / self.world) * self.world
+        padded = (epoch * math.ceil(total / len(epoch)))[:total]
+        return padded[self.rank::self.world]
+
+    def save_model(self, directory: Path, card: dict | None = None) -> None:
+        """`save()` on rank 0 only (one writer per file); under ZeRO-3 the other ranks join the gather it
+        starts. Then every rank waits until the files are written."""
+        if self.rank == 0:
+            self.save(directory, card)
+        elif zero_stage(self.engine) == 3:
+            with gathered(self.engine.module, self.engine):  # the collective; rank 0 copies and writes
+                pass
+        barrier()
 
     def _check_positions(self) -> None:
         """A row longer than the backbone's positions fails deep in its embedding (IndexError): say so first."""
@@ -208,7 +240,7 @@ class Trainer:
                     self._after_step(micro // self.config.grad_accum, micro, window)
                 if micro == total_micro:
                     return tokens
-            epoch = self.batches()
+            epoch = self.shard(self.batches())
 
     def _after_step(self, step: int, micro: int, window: Window) -> None:
         if step % self.config.log_every == 0 or step == self.total_steps:
@@ -241,5 +273,5 @@ class Trainer:
                 "flops_per_token": self.flops_per_token,
                 "mfu": self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else None,
                 "deepspeed": {"config": self.config.deepspeed, "zero_stage": zero,
-                              "bf16": self.ds_config.get("bf16", {}).get("enabled", False)},
+                              "bf16": self.ds_config.get("bf16", {}).get("enabled", False), "world_size": self.world},
                 **({"checkpoints": self.checkpoints} if self.checkpoints else {})}

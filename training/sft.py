@@ -25,7 +25,7 @@ from pydantic import Field
 from ahf.console import UserError
 from training import data as D
 from training.config import TrainCommon
-from training.engine import full_state_dict, gathered
+from training.engine import full_state_dict, gathered, rank
 from training.loop import Trainer
 from training.models import attention_implementation, build_backbone, load_tokenizer, save_causal_lm
 from training.tokens import encode_prompt, encode_reply, first_fit, pack_rows, pad_rows, shuffled_chunks
@@ -181,9 +181,10 @@ class SFTTrainer(Trainer):
             samples = generate_samples(module, self.tokenizer, self.sample_prompts, self.config, self.device)
             loss = eval_loss(module, self.eval_batches, self.device) if self.eval_batches else None
         record = super().checkpoint(step)
-        with (Path(record["dir"]) / "samples.jsonl").open("w") as handle:
-            for sample in samples:
-                handle.write(json.dumps({"step": step, **sample}) + "\n")
+        if rank() == 0:  # one copy on a shared filesystem, as for the weights
+            with (Path(record["dir"]) / "samples.jsonl").open("w") as handle:
+                for sample in samples:
+                    handle.write(json.dumps({"step": step, **sample}) + "\n")
         return record | {"eval_loss": loss, "samples": len(samples)}
 
     def evaluate(self) -> dict:
