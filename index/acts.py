@@ -125,8 +125,16 @@ def dense_scores(turn_vectors: np.ndarray, exemplar_vectors: np.ndarray, low: fl
 
 
 def bm25_scores(searcher, terms: str, row_of: dict[str, int], n: int, depth: int) -> np.ndarray:
+    """Each turn's BM25 score for `terms` over the best score, for the turns that rank in the top `depth`.
+
+    Lucene returns equal scores in index order, which a parallel index build does not fix; so the cut
+    keeps only the hits scoring strictly above the (depth+1)-th score: the same turns whatever the order
+    of ties (a group tied at the boundary is left out whole)."""
     scores = np.zeros(n)
-    hits = searcher.search(terms, k=depth) if terms.strip() else []
+    hits = searcher.search(terms, k=depth + 1) if terms.strip() else []
+    if len(hits) > depth:
+        boundary = hits[depth][1]
+        hits = [hit for hit in hits[:depth] if hit[1] > boundary]
     if hits:
         best = hits[0][1] or 1.0
         for docid, score in hits:

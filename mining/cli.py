@@ -15,6 +15,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--no-turns", action="store_true", help="skip rebuilding threads and turns afterwards")
     p.add_argument("--batch-rows", type=int, default=245_760,
                    help="rows per committed transaction, rounded down to whole DuckDB row groups (122,880)")
+    p.add_argument("--store-format", choices=["duckdb", "delta"],
+                   help="format of a NEW store (default: AHF_STORE_FORMAT, else duckdb); an existing one keeps its own")
     add_config(p, "mining")
     add_engine(p)
     add_json(p)
@@ -26,6 +28,13 @@ def add_commands(subparsers) -> None:
     add_engine(p)
     add_json(p)
     p.set_defaults(handler=run_turns)
+
+    store = subparsers.add_parser("store", help="the store itself: its format")
+    store_sub = store.add_subparsers(dest="store_command", metavar="WHAT", required=True)
+    p = store_sub.add_parser("migrate", help="turn a DuckDB-file store into Delta Lake tables (docs/store.md)")
+    add_store(p)
+    add_json(p)
+    p.set_defaults(handler=run_store_migrate)
 
     p = subparsers.add_parser("stats", help="summarise a store: threads, turns, depths, subreddits")
     add_store(p)
@@ -43,8 +52,12 @@ def _mining_config(args):
 def run_ingest(args) -> int:
     from mining.ingest import ingest
 
+    import os
+
     from ahf.engine import make_engine
 
+    if args.store_format:
+        os.environ["AHF_STORE_FORMAT"] = args.store_format
     config = _mining_config(args)
     with make_engine(args.engine, args.ray_address) as engine, \
             progress_bar("ingest", unit="bytes", enabled=not args.json) as advance:
@@ -70,6 +83,15 @@ def run_turns(args) -> int:
     with make_engine(args.engine, args.ray_address) as engine:
         report = build_turns(args.store, _mining_config(args).turns, engine)
     emit(report.to_dict(), args.json, f"turns: {report.turns:,} (filtered {escape(str(report.filtered))})")
+    return 0
+
+
+def run_store_migrate(args) -> int:
+    from mining.delta_store import migrate_to_delta
+
+    result = migrate_to_delta(args.store)
+    emit(result, args.json, f"store {result['store']} is now Delta Lake tables: "
+                            + ", ".join(f"{t} {n:,}" for t, n in result["tables"].items()))
     return 0
 
 

@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pyarrow as pa
 from pydantic import Field, field_validator
 
 from ahf.config import StageConfig
 from ahf.console import UserError
 from mining.ingest import ingest_records, summary_counts
+from mining.schema import CRAWL_STATE_SCHEMA, CRAWL_SUBREDDITS_SCHEMA
 from mining.store import Store
 from mining.turns import TurnConfig, TurnReport, rebuild_turns
 
@@ -38,15 +40,6 @@ log = logging.getLogger(__name__)
 
 LISTING_CAP = 1000  # Reddit serves at most ~1,000 items of any listing, `new` included
 TOKEN_PATH = "/api/v1/access_token"
-
-_STATE_SQL = (
-    """CREATE TABLE IF NOT EXISTS crawl_state (
-        submission_id VARCHAR PRIMARY KEY, subreddit VARCHAR, created_utc BIGINT,
-        comments BIGINT, finished_utc BIGINT)""",
-    """CREATE TABLE IF NOT EXISTS crawl_subreddits (
-        subreddit VARCHAR PRIMARY KEY, newest_created_utc BIGINT, last_walk_utc BIGINT)""",
-)
-
 
 class CrawlConfig(StageConfig):
     """What to crawl and how politely. No credentials here: PRAW reads them (env or praw.ini)."""
@@ -281,29 +274,40 @@ def thread_records(submission) -> list[tuple[str, dict]]:
 # ---------------------------------------------------------------- state
 
 class CrawlState:
-    """`crawl_state` (one row per finished thread) and `crawl_subreddits` in the store's DuckDB."""
+    """`crawl_state` (one row per finished thread) and `crawl_subreddits` (the newest listed post in
+    the store per subreddit): small tables kept in memory and written back whole through
+    `Store.replace_tables` after every change, so any store format keeps them."""
 
     def __init__(self, store: Store):
         self.store = store
-        for sql in _STATE_SQL:
-            store.execute(sql)
+        self.done = {row["submission_id"]: row for row in self._load("crawl_state", CRAWL_STATE_SCHEMA)}
+        self.walks = {row["subreddit"]: row for row in self._load("crawl_subreddits", CRAWL_SUBREDDITS_SCHEMA)}
+
+    def _load(self, table: str, schema: pa.Schema) -> list[dict]:
+        if not self.store.has_table(table):
+            return []
+        return self.store.arrow(f"SELECT {', '.join(schema.names)} FROM {table}").to_pylist()
+
+    def _save(self, table: str, rows: dict[str, dict], schema: pa.Schema) -> None:
+        self.store.replace_tables({table: pa.Table.from_pylist(list(rows.values()), schema=schema)})
 
     def is_done(self, submission_id: str) -> bool:
-        return bool(self.store.rows("SELECT 1 FROM crawl_state WHERE submission_id = ?", [submission_id]))
+        return submission_id in self.done
 
     def mark_done(self, submission_id: str, subreddit: str | None, created_utc: int | None, comments: int) -> None:
-        self.store.execute("INSERT OR REPLACE INTO crawl_state VALUES (?, ?, ?, ?, ?)",
-                           [submission_id, subreddit, created_utc, comments, int(time.time())])
+        self.done[submission_id] = {"submission_id": submission_id, "subreddit": subreddit,
+                                    "created_utc": created_utc, "comments": comments, "finished_utc": int(time.time())}
+        self._save("crawl_state", self.done, CRAWL_STATE_SCHEMA)
 
     def newest(self, subreddit: str) -> int | None:
-        return self.store.value("SELECT newest_created_utc FROM crawl_subreddits WHERE subreddit = ?",
-                                [subreddit.lower()])
+        return (self.walks.get(subreddit.lower()) or {}).get("newest_created_utc")
 
     def record_walk(self, subreddit: str, newest_seen: int | None) -> int | None:
         newest = max(x for x in (self.newest(subreddit), newest_seen, -1) if x is not None)
         newest = None if newest < 0 else newest
-        self.store.execute("INSERT OR REPLACE INTO crawl_subreddits VALUES (?, ?, ?)",
-                           [subreddit.lower(), newest, int(time.time())])
+        self.walks[subreddit.lower()] = {"subreddit": subreddit.lower(), "newest_created_utc": newest,
+                                         "last_walk_utc": int(time.time())}
+        self._save("crawl_subreddits", self.walks, CRAWL_SUBREDDITS_SCHEMA)
         return newest
 
 

@@ -12,6 +12,7 @@ conversation / utterance, mapped onto tables):
 | `act_types` | act the tagger knew, found or not | `ahf acts tag` | `ACT_TYPE_SCHEMA` |
 | `labels` | turn: vote tiers, reply sentiment, reward | `ahf label` | `LABEL_SCHEMA` |
 | `pairs` | preference pair between sibling turns | `ahf label` | `PAIR_SCHEMA` |
+| `crawl_state`, `crawl_subreddits` | finished crawled thread; subreddit walked | `ahf crawl` | `CRAWL_STATE_SCHEMA`, ... |
 | `meta` | key: schema version, the configs derived tables were built with | every writer | |
 
 Posts and comments keep Reddit's identifiers (`id` bare, `parent_id` and `link_id` as fullnames
@@ -130,8 +131,15 @@ PAIR_SCHEMA = pa.schema(
     ]
 )
 
+# `ahf crawl`'s resumption (mining.crawl.CrawlState): threads finished, and each subreddit's newest listed post.
+CRAWL_STATE_SCHEMA = pa.schema([("submission_id", pa.string()), ("subreddit", pa.string()),
+                                ("created_utc", pa.int64()), ("comments", pa.int64()), ("finished_utc", pa.int64())])
+CRAWL_SUBREDDITS_SCHEMA = pa.schema([("subreddit", pa.string()), ("newest_created_utc", pa.int64()),
+                                     ("last_walk_utc", pa.int64())])
+
 SCHEMAS = {"posts": POST_SCHEMA, "comments": COMMENT_SCHEMA, "turns": TURN_SCHEMA, "acts": ACT_SCHEMA,
-           "act_types": ACT_TYPE_SCHEMA, "labels": LABEL_SCHEMA, "pairs": PAIR_SCHEMA}
+           "act_types": ACT_TYPE_SCHEMA, "labels": LABEL_SCHEMA, "pairs": PAIR_SCHEMA,
+           "crawl_state": CRAWL_STATE_SCHEMA, "crawl_subreddits": CRAWL_SUBREDDITS_SCHEMA}
 
 # The valid range of every integer a record brings (docs/store.md). Outside it the record is skipped
 # and counted as `bad_value:<field>`, so that no stored value can overflow a later stage's arithmetic.

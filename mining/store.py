@@ -65,6 +65,14 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
         raise
 
 
+def new_store_format() -> str:
+    """The format of a store created now: `AHF_STORE_FORMAT` (duckdb | delta), duckdb by default."""
+    value = os.environ.get("AHF_STORE_FORMAT", "duckdb")
+    if value not in ("duckdb", "delta"):
+        raise StoreError(f"AHF_STORE_FORMAT={value!r}: choose duckdb or delta")
+    return value
+
+
 def task_threads() -> int | None:
     """The CPUs a Ray task was given (Ray sets OMP_NUM_THREADS to them in its workers), or None
     outside one: a task's DuckDB and parsers use that many threads, so tasks never oversubscribe."""
@@ -95,7 +103,22 @@ def _merge_sql(table: str, schema: pa.Schema, mutable: tuple[str, ...], source: 
 
 
 class Store:
-    """A store directory. Use as a context manager; `read_only=True` lets several readers share it."""
+    """A store directory. Use as a context manager; `read_only=True` lets several readers share it.
+
+    Two formats behind this one interface: one DuckDB file (this class; the default for a new store) and
+    Delta Lake tables (mining.delta_store.DeltaStore: many writers, for Ray clusters). `Store(path)` opens
+    whichever the directory holds; a new store takes `AHF_STORE_FORMAT` (duckdb | delta)."""
+
+    format = "duckdb"
+
+    def __new__(cls, path: str | Path, read_only: bool = False, create: bool = True):
+        if cls is Store:
+            from mining.delta_store import DeltaStore, is_delta_store
+
+            fresh = not (Path(path) / DB_NAME).exists() and not is_delta_store(path)
+            if is_delta_store(path) or fresh and create and not read_only and new_store_format() == "delta":
+                return super().__new__(DeltaStore)
+        return super().__new__(cls)
 
     def __init__(self, path: str | Path, read_only: bool = False, create: bool = True):
         self.path = Path(path)

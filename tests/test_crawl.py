@@ -115,7 +115,7 @@ def test_crawl_subreddit_stores_the_whole_tree_and_resumes(praw_env, reddit, sha
         assert store.con.execute("SELECT sum(retrieved_utc) FROM comments").fetchone()[0] == retrieved
 
     _assert_no_secret(caplog.text, json.dumps(report.to_dict()), json.dumps(again.to_dict()),
-                      *(p.read_bytes() for p in store_dir.iterdir()))
+                      *(p.read_bytes() for p in store_dir.rglob('*') if p.is_file()))
 
 
 def test_cli_json_submission_and_missing_thread(praw_env, reddit, tmp_path, capsys, caplog):
@@ -130,7 +130,7 @@ def test_cli_json_submission_and_missing_thread(praw_env, reddit, tmp_path, caps
     assert result["records_read"] == result["ingested"] + sum(result["skipped"].values()) == 542
     assert result["errors"] == ["zzzzzz: NotFound: received 404 HTTP response"]
     assert [(e.method, e.path, e.status) for e in reddit.unmatched] == [("GET", "/comments/zzzzzz/", 404)]
-    _assert_no_secret(captured.out, captured.err, caplog.text, *(p.read_bytes() for p in store_dir.iterdir()))
+    _assert_no_secret(captured.out, captured.err, caplog.text, *(p.read_bytes() for p in store_dir.rglob('*') if p.is_file()))
 
     # the finished thread is skipped; the missing one is tried again (it was never marked done)
     code = main(_cli(reddit, store_dir, "--submission", "3hahrw", "--submission", "zzzzzz", "--json"))
@@ -178,7 +178,7 @@ def test_credentials_from_praw_ini_site(praw_env, reddit, tmp_path, capsys):
     assert main(_cli(reddit, store_dir, "--subreddit", "funny", "--site", "ahf_replay", "--json")) == 0
     out = capsys.readouterr().out
     assert json.loads(out)["comments"] == 541
-    _assert_no_secret(out, *(p.read_bytes() for p in store_dir.iterdir()))
+    _assert_no_secret(out, *(p.read_bytes() for p in store_dir.rglob('*') if p.is_file()))
 
     assert main(_cli(reddit, store_dir, "--subreddit", "funny", "--site", "nope")) == 2
     assert "no praw.ini section named 'nope'" in " ".join(capsys.readouterr().err.split())

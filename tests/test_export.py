@@ -140,9 +140,9 @@ def test_act_filter(funny, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(funny, store)
     with Store(store) as s:  # an acts table as the index stage writes it
-        s.con.execute("""CREATE TABLE acts AS
+        s.replace_tables({"acts": """
             SELECT comment_id, CASE WHEN depth = 1 THEN 'story' ELSE 'chat' END AS act,
-                   CASE WHEN sibling_rank % 2 = 0 THEN 0.9 ELSE 0.4 END AS confidence FROM turns""")
+                   CASE WHEN sibling_rank % 2 = 0 THEN 0.9 ELSE 0.4 END AS confidence FROM turns"""})
         n_top_good = s.con.execute("SELECT count(*) FROM labels JOIN turns USING (comment_id) "
                                    "WHERE depth = 1 AND tier = 'good'").fetchone()[0]
         confident = s.con.execute("SELECT count(*) FROM labels JOIN turns USING (comment_id) "

@@ -83,8 +83,9 @@ def test_a_post_with_an_extreme_score_among_replies_labels(tmp_path):
     _every_stage_runs(tmp_path / "store", tmp_path)
 
 
-def test_a_store_written_before_the_bounds_still_builds_turns_and_labels(tmp_path):
+def test_a_store_written_before_the_bounds_still_builds_turns_and_labels(tmp_path, monkeypatch):
     """Values the old release accepted (any BIGINT) no longer overflow the delays and pair margins."""
+    monkeypatch.setenv("AHF_STORE_FORMAT", "duckdb")  # the old release's format, edited in place below
     path = _ndjson(tmp_path / "in.ndjson", [orjson.dumps(r) for r in _thread()])
     ingest([path], tmp_path / "store")
     with Store(tmp_path / "store") as store:  # as a store from before: extremes written directly

@@ -238,8 +238,9 @@ def _big_comment_file(path: Path, n: int) -> Path:
     return path
 
 
-def test_kill_minus_9_then_rerun_equals_one_clean_run(tmp_path):
-    source = _big_comment_file(tmp_path / "big.zst", 300_000)
+def test_kill_minus_9_then_rerun_equals_one_clean_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("AHF_STORE_FORMAT", "duckdb")  # row groups and transactions of the DuckDB file (the
+    source = _big_comment_file(tmp_path / "big.zst", 300_000)  # Delta store's kill test: test_delta_store.py)
     clean = tmp_path / "clean"
     ingest([source], clean)
     with Store(clean, read_only=True) as store:  # batches of whole row groups: none rewritten later
