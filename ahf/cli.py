@@ -16,7 +16,8 @@ from ahf import __version__
 from ahf.console import UserError, stderr
 
 # Stage modules that contribute verbs (each imports its heavy dependencies inside its handlers).
-STAGES = ("mining.cli", "mining.crawl_cli", "ahf.demo", "index.cli", "feedback.cli", "training.cli")
+STAGES = ("mining.cli", "mining.crawl_cli", "ahf.demo", "index.cli", "feedback.cli", "training.cli",
+          "ahf.report.cli", "ahf.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

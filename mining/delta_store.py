@@ -73,6 +73,8 @@ class DeltaStore(Store):
     def _connect(self) -> None:
         self.con = duckdb.connect()
         self.con.execute("SET enable_progress_bar = false")
+        # Parquet footers read once per file: Delta never rewrites a file in place, so the cache cannot go stale
+        self.con.execute("SET enable_object_cache = true")
         self._refresh()
 
     def _refresh(self, tables: list[str] | None = None) -> None:
@@ -224,12 +226,20 @@ def migrate_to_delta(store_dir: str | Path) -> dict:
         for table in tables:
             if table == "meta":
                 continue
-            reader = con.execute(f"SELECT * FROM {table}").to_arrow_reader(100_000)
-            data = reader.read_all()
-            if table in SCHEMAS:
-                data = data.select(SCHEMAS[table].names).cast(SCHEMAS[table])
-            write_deltalake(str(staging / table), data, mode="overwrite")
-            counts[table] = data.num_rows
+            # streamed batch by batch: a store larger than memory migrates too
+            reader = con.sql(f"SELECT * FROM {table}").to_arrow_reader(100_000)
+            counts[table] = 0
+
+            def batches(reader=reader, table=table):
+                for batch in reader:
+                    if table in SCHEMAS:
+                        batch = batch.select(SCHEMAS[table].names).cast(SCHEMAS[table])
+                    counts[table] += batch.num_rows
+                    yield batch
+
+            schema = SCHEMAS[table] if table in SCHEMAS else reader.schema
+            write_deltalake(str(staging / table), pa.RecordBatchReader.from_batches(schema, batches()),
+                            mode="overwrite")
     finally:
         con.close()
     values = {k: json.loads(v) if _is_json(v) else v for k, v in meta.items()}

@@ -28,4 +28,13 @@ pip install -q "${INSTALL[@]}"
 if ! python -c "import deepspeed" 2>/dev/null; then
   DS_BUILD_OPS=0 pip install -q --no-build-isolation "deepspeed>=0.15,<0.20"
 fi
+# The browser tests (tests/test_report.py) drive Debian's chromium through Playwright, whose own browser
+# download (`playwright install`) cannot work here: with the test tools (the `dev` extra), install it once.
+if [[ "${INSTALL[*]}" == *dev* && ! -x /usr/bin/chromium ]]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "note: /usr/bin/chromium is missing; tests/test_report.py needs it: apt-get install -y chromium (as root)" >&2
+  fi
+fi
 python -c "import torch, duckdb, pyarrow, praw, vaderSentiment; print('ahf environment ready: torch', torch.__version__)"

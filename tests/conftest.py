@@ -76,3 +76,20 @@ def ray_cluster():
         yield ray
     finally:
         ray.shutdown()
+
+
+# Debian's chromium (scripts/setup.sh installs it): `playwright install` cannot download a browser here.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A real headless Chromium per test module (Playwright's sync loop lives only as long), driven by Playwright (test_report, test_serve)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from ahf.cli import main
 
@@ -42,6 +43,20 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert tested["pairs"] == exported["rows"]["test"] and 0.0 <= tested["accuracy"] <= 1.0
     card = json.loads((tmp_path / "models" / "rm" / "ahf_model.json").read_text())
     assert card["data"]["export"]["report"]["rows"] == exported["rows"]  # lineage: the export's manifest
+    # the planted truth of the corpus, measured (tests/test_demo_validation.py asserts the default run's goals)
+    validation = result["validation"]
+    assert {"spearman_raw", "spearman_adjusted", "tier_purity", "shp_agreement", "time_adjacent_agreement",
+            "sentiment_agreement", "act_precision", "rm_accuracy", "length_baseline",
+            "quality_ceiling"} <= set(validation)
+    assert validation["rm_by_split"]["test"]["accuracy"] == round(tested["accuracy"], 4)
+    assert validation["rm_pairs"] == tested["pairs"] + trained["eval"]["pairs"]  # every held-out pair
+    assert validation == json.loads((tmp_path / "validation.json").read_text())
+    assert result["report"] == {"store": result["store"], "models": [str(tmp_path / "models" / "rm")],
+                                "exports": [str(tmp_path / "exports" / f) for f in ("pairs", "pointwise", "sft")],
+                                "truth": str(tmp_path / "corpus" / "truth.jsonl"),
+                                "validation": str(tmp_path / "validation.json"), "html": str(tmp_path / "report.html")}
+    written = result["steps"]["write the report"]["out"]
+    assert Path(written) == tmp_path / "report.html" and "data:image/svg+xml;base64," in Path(written).read_text()  # figures inline
     # the synthetic corpus is deterministic: a second run gives the same store figures
     assert main(["demo", "--out", str(tmp_path), "--posts", "40", "--train-steps", "0", "--json"]) == 0
     again = _json(capsys)["steps"]["stats"]
@@ -58,6 +73,7 @@ def test_demo_on_a_real_dump(shared_data, tmp_path, capsys):
     result = _json(capsys)
     steps = result["steps"]
     assert result["ok"] and steps["corpus"]["source"] == "user data"
+    assert result["validation"] is None and result["report"]["truth"] is None  # no planted truth in real data
     assert (steps["ingest"]["records_read"], steps["ingest"]["threads"], steps["ingest"]["orphans"]) == (1075, 396, 15)
     acts = steps["query acts"]
     assert acts["absent"] == ["story", "summary"] and set(acts["top"]) == {"explanation", "qa"}

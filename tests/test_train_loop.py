@@ -87,3 +87,60 @@ def test_flops_per_token_is_nanogpt_formula_for_tiny_gpt2():
     assert flops_per_token(rm.config, matmul_params(rm), 128) == 6 * (BLOCKS + 33) + 2 * ATTENTION_AT_64
     if not torch.cuda.is_available():  # the CPU has no known peak: mfu stays null unless peak_flops is set
         assert device_peak_flops() is None
+
+
+class EvaluatingTrainer(CountingTrainer):
+    """CountingTrainer with an evaluation after training, shaped as the reward model's."""
+
+    def evaluate(self) -> dict:
+        return {"eval": {"pairs": 4, "accuracy": 0.75, "truncation": {"total": 4, "dropped": {}}}}
+
+
+def _tracked_config(report_to: list[str]) -> TrainCommon:
+    return TrainCommon(model="tiny", random_init=TINY_GPT2, max_steps=5, grad_accum=2, log_every=2,
+                       deepspeed="zero0", lr=1e-3, warmup_ratio=0.0, max_length=64, report_to=report_to)
+
+
+def test_report_to_tensorboard_writes_every_logged_scalar(tmp_path):
+    """report_to: [tensorboard]: the event file, read back by TensorBoard's own reader, holds each log line's
+    stats at its optimizer step (`train/...`) and the evaluation at the last step (`eval/...`)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    (out / "tensorboard").mkdir(parents=True)
+    (out / "tensorboard" / "events.out.tfevents.0.earlier-run").write_bytes(b"")  # replaced, as metrics.jsonl is
+    result = EvaluatingTrainer(_tracked_config(["tensorboard"]), out).train()
+    (event_file,) = (out / "tensorboard").glob("events.out.tfevents.*")
+    events = EventAccumulator(str(event_file))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"train/x", "train/odd", "train/lr", "train/tokens_per_s",
+                                             "train/flops_per_s", "eval/pairs", "eval/accuracy",
+                                             "eval/truncation/total"}  # mfu is null on the CPU: left out
+    history = result["history"]
+    for stat in ("x", "odd", "lr", "tokens_per_s", "flops_per_s"):
+        logged = events.Scalars(f"train/{stat}")
+        assert [e.step for e in logged] == [h["step"] for h in history] == [2, 4, 5]
+        assert [e.value for e in logged] == pytest.approx([h[stat] for h in history], rel=1e-6)
+    assert [(e.step, e.value) for e in events.Scalars("eval/accuracy")] == [(5, 0.75)]
+    assert "config/text_summary" in events.Tags()["tensors"]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[:-1] == history  # metrics.jsonl as ever
+
+
+def test_report_to_wandb_runs_offline_or_says_what_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    from ahf.console import UserError
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    if importlib.util.find_spec("wandb") is None:  # an optional package: the run is refused before it writes
+        with pytest.raises(UserError, match=r"report_to lists wandb, but the wandb package is not installed: "
+                                            r"pip install wandb"):
+            CountingTrainer(_tracked_config(["wandb"]), out).train()
+        assert not out.exists()
+        return
+    result = CountingTrainer(_tracked_config(["wandb"]), out).train()
+    (run,) = (out / "wandb").glob("offline-run-*")  # offline by default: nothing leaves the machine
+    assert list(run.glob("*.wandb")) and result["steps"] == 5

@@ -24,6 +24,8 @@ def test_the_wheel_installs_and_runs_the_demo_outside_the_repository(tmp_path):
     for config in (REPO / "configs").rglob("*"):
         if config.suffix in {".yaml", ".json"}:  # every default config travels with the package
             assert f"ahf/configs/{config.relative_to(REPO / 'configs').as_posix()}" in shipped
+    for folder in ("ahf/report/templates", "ahf/serve/templates", "ahf/serve/static"):  # pages need them
+        assert {f"{folder}/{p.name}" for p in (REPO / folder).iterdir() if p.is_file()} <= shipped, folder
 
     venv = tmp_path / "venv"
     # a user's shell: none of this test process's settings (DeepSpeed's rendezvous port is taken by it)
@@ -49,6 +51,7 @@ def test_the_wheel_installs_and_runs_the_demo_outside_the_repository(tmp_path):
     result = json.loads(demo.stdout)
     steps = result["steps"]
     assert result["ok"] and (outside / result["out"]).is_dir()
+    assert (outside / result["report"]["html"]).stat().st_size > 10_000  # the report's templates were found
     assert sum(steps["query acts"]["acts"].values()) == steps["threads and turns"]["turns"]  # acts.yaml found
     trained = steps["train reward model"]  # the DeepSpeed JSON found
     assert trained["train_used"] > 0 and (outside / trained["out"] / "model.safetensors").is_file()

@@ -39,3 +39,7 @@ class TrainCommon(StageConfig):
                                                      "None: only the final model")
     peak_flops: float | None = Field(None, description="the device's peak FLOP/s for MFU; None: looked up by GPU name "
                                                        "(H100/H200 989e12, A100 312e12, bf16 dense), else MFU is null")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="where log lines go besides metrics.jsonl, as TRL's report_to: tensorboard "
+        "(event files in OUT/tensorboard/), wandb (Weights & Biases, a run in OUT/wandb/, offline unless WANDB_MODE "
+        "says otherwise; needs `pip install wandb`); [] for metrics.jsonl only")

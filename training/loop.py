@@ -18,7 +18,8 @@ Logging window: every `log_every` optimizer steps, and at the last one, one entr
 `micro_step`, the mean of each stat over the micro-steps since the previous entry, `lr`, and the
 window's `tokens_per_s` (real, non-padding tokens through the trained model), `flops_per_s` and `mfu`.
 `metrics.jsonl` gets one JSON line per entry, one `{"checkpoint": ...}` line per checkpoint and one
-`{"eval": ...}` line after training.
+`{"eval": ...}` line after training. `report_to` sends the same entries to TensorBoard and / or Weights &
+Biases as well (`Trackers`).
 
 Several ranks (a `deepspeed` / `torchrun` launch, training.launch): data parallel. Every rank builds the same
 epoch (same seed); rank r trains on batches r, r + W, r + 2W, ... (W the world size; the epoch is padded
@@ -107,6 +108,76 @@ class Window:
         return result
 
 
+class Trackers:
+    """Where log entries go besides metrics.jsonl (`report_to`), the way TRL's trainers report: one writer per
+    tracker, opened when training starts (rank 0 only) and closed when it ends. Every number of an entry is a
+    scalar at its optimizer step: `train/<stat>` (nested dicts flattened, `train/accuracy_by_task/NAME`), and
+    the evaluation after training as `eval/<figure>` at the last step (`eval/accuracy`, `eval/loss`, ...).
+
+    - tensorboard: `torch.utils.tensorboard` event files in OUT/tensorboard/ (those of an earlier run into the
+      same OUT are replaced, as metrics.jsonl is), the config as text; `tensorboard --logdir OUT`.
+    - wandb: a Weights & Biases run in OUT/wandb/, offline unless WANDB_MODE says otherwise (`wandb sync`
+      uploads it later), project WANDB_PROJECT (default `ahf`), named after OUT, the config as its config.
+    """
+
+    PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # report_to name -> the package it needs
+
+    def __init__(self, report_to: list[str] = (), out_dir: Path | None = None, config=None):
+        self.tensorboard = self.wandb = None
+        settings = config.model_dump(mode="json") if config is not None else {}
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            folder = out_dir / "tensorboard"
+            for stale in folder.glob("events.out.tfevents.*"):
+                stale.unlink()
+            self.tensorboard = SummaryWriter(log_dir=str(folder))
+            self.tensorboard.add_text("config", "    " + json.dumps(settings, indent=2).replace("\n", "\n    "))
+        if "wandb" in report_to:
+            import wandb
+
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "ahf"), name=out_dir.name,
+                                    dir=str(out_dir), mode=os.environ.get("WANDB_MODE", "offline"), config=settings)
+
+    @classmethod
+    def check(cls, report_to: list[str]) -> None:
+        """Refuse a tracker whose package is not installed, before anything is written."""
+        import importlib.util
+
+        for name in report_to:
+            if importlib.util.find_spec(cls.PACKAGES[name]) is None:
+                raise UserError(f"report_to lists {name}, but the {cls.PACKAGES[name]} package is not installed: "
+                                f"pip install {cls.PACKAGES[name]} (or leave {name} out of report_to)")
+
+    @staticmethod
+    def scalars(entry: dict, prefix: str, top: bool = True) -> dict[str, float]:
+        """The finite numbers of `entry`, nested dicts flattened: {"prefix/key/inner": value}. A top-level key
+        that only repeats the prefix (`eval` under eval) or starts with it (`eval_loss`) is named without it."""
+        out = {}
+        for key, value in entry.items():
+            key = str(key).removeprefix(f"{prefix}_") if top else str(key)
+            name = prefix if top and key == prefix else f"{prefix}/{key}"
+            if isinstance(value, dict):
+                out |= Trackers.scalars(value, name, top=False)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                out[name] = float(value)
+        return out
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        if self.tensorboard is not None:
+            for tag, value in scalars.items():
+                self.tensorboard.add_scalar(tag, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.tensorboard = self.wandb = None
+
+
 class Trainer:
     """The loop; subclasses supply the model, batches, loss and saving (see the module docstring)."""
 
@@ -122,6 +193,7 @@ class Trainer:
         self.history: list[dict] = []
         self.checkpoints: list[dict] = []
         self._metrics = None
+        self.trackers = Trackers()  # report_to's writers, while training runs (Trackers)
         self.rank, self.world = rank(), world_size()  # a launcher's, else 0 of 1
 
     # ------------------------------------------------------------------ what a subclass supplies
@@ -152,6 +224,8 @@ class Trainer:
     def log(self, entry: dict) -> None:
         self.history.append(entry)
         self.write_metrics(entry)
+        stats = {k: v for k, v in entry.items() if k not in ("step", "micro_step")}
+        self.trackers.log(Trackers.scalars(stats, "train"), entry["step"])
         if self.log_callback:
             self.log_callback(entry)
 
@@ -171,6 +245,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         self._check_positions()
+        Trackers.check(self.config.report_to)
         epoch = self.batches()
         if not epoch:
             raise UserError("no training batches: the training data is empty after filtering")
@@ -182,14 +257,20 @@ class Trainer:
         self.device = self.engine.device
         path = self.out_dir / "metrics.jsonl" if self.rank == 0 else os.devnull  # one writer
         with open(path, "w") as self._metrics:
-            self.on_train_begin()
-            started = time.perf_counter()
-            tokens = self._fit(epoch, total_micro)
-            self.train_seconds = time.perf_counter() - started
-            self.save_model(self.out_dir, self.card())
-            evaluation = self.evaluate()
-            if evaluation:
-                self.write_metrics({"eval": evaluation})
+            if self.rank == 0:  # one writer per tracker, as for metrics.jsonl
+                self.trackers = Trackers(self.config.report_to, self.out_dir, self.config)
+            try:
+                self.on_train_begin()
+                started = time.perf_counter()
+                tokens = self._fit(epoch, total_micro)
+                self.train_seconds = time.perf_counter() - started
+                self.save_model(self.out_dir, self.card())
+                evaluation = self.evaluate()
+                if evaluation:
+                    self.write_metrics({"eval": evaluation})
+                    self.trackers.log(Trackers.scalars(evaluation, "eval"), self.total_steps)
+            finally:
+                self.trackers.close()
         result = self._summary(tokens, total_micro) | evaluation
         if self.rank == 0:
             update_card(self.out_dir, {"train_result": result})
