@@ -61,6 +61,9 @@ class RayEngine:
     name = "ray"
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None):
+        # Ray's driver would install a SIGSEGV handler over the JVM's (pyserini runs Lucene in this process,
+        # and the JVM takes SIGSEGV for its own null checks): read when ray first loads its constants
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
         try:
             import ray
         except ImportError as exc:

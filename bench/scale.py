@@ -29,6 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 CONFIGS = {"local": ("local", 0), "ray, 1 worker": ("ray", 1), "ray, 2 workers": ("ray", 2)}
+# --delta: the same runs on a Delta Lake store (AHF_STORE_FORMAT=delta) beside the DuckDB file's
+DELTA_CONFIGS = {"local, delta": ("local", 0), "ray, 2 workers, delta": ("ray", 2)}
 STAGES = ("ingest", "turns", "label", "export")
 
 
@@ -99,7 +101,8 @@ def _used_memory_mb() -> float:
 
 
 def run_config(name: str, work: Path, inputs: list[Path], per_partition: int) -> dict:
-    engine_name, cpus = CONFIGS[name]
+    engine_name, cpus = (CONFIGS | DELTA_CONFIGS)[name]
+    env = os.environ | {"AHF_STORE_FORMAT": "delta" if name in DELTA_CONFIGS else "duckdb"}
     out = work / name.replace(", ", "-").replace(" ", "")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -115,7 +118,7 @@ def run_config(name: str, work: Path, inputs: list[Path], per_partition: int) ->
     sampler.start()
     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(
         [engine_name, cpus, str(out / "store"), [str(p) for p in inputs], per_partition])],
-        capture_output=True, text=True, cwd=REPO)
+        capture_output=True, text=True, cwd=REPO, env=env)
     stop.set()
     sampler.join()
     if done.returncode:
@@ -156,6 +159,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default="/tmp/ahf-bench-scale")
     parser.add_argument("--doc")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--delta", action="store_true", help="also run local and Ray (2 workers) on a Delta store")
+    parser.add_argument("--only-delta-pair", action="store_true",
+                        help="only local on the DuckDB file and local on Delta (the store formats compared)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -165,11 +171,15 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     inputs = make_inputs(work, args.comments, args.files)
     per_partition = max(1, args.comments // 4)
-    runs = {name: run_config(name, work, inputs, per_partition) for name in CONFIGS}
-    local, one, two = runs["local"], runs["ray, 1 worker"], runs["ray, 2 workers"]
-    ratios = {f"{stage}: ray 2 workers / local": round(two[stage]["per_s"] / local[stage]["per_s"], 2) for stage in STAGES}
-    ratios |= {f"{stage}: ray 2 workers / 1 worker": round(two[stage]["per_s"] / one[stage]["per_s"], 2)
-               for stage in STAGES}
+    names = ["local", "local, delta"] if args.only_delta_pair else \
+        list(CONFIGS) + (list(DELTA_CONFIGS) if args.delta else [])
+    runs = {name: run_config(name, work, inputs, per_partition) for name in names}
+    ratios = {}
+    for a, b in (("ray, 2 workers", "local"), ("ray, 2 workers", "ray, 1 worker"), ("local, delta", "local"),
+                 ("ray, 2 workers, delta", "ray, 2 workers")):
+        if a in runs and b in runs:
+            ratios |= {f"{stage}: {a} / {b}": round(runs[a][stage]["per_s"] / runs[b][stage]["per_s"], 2)
+                       for stage in STAGES}
     result = {"command": "python bench/scale.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
               "comments": args.comments, "files": args.files, "per_partition": per_partition, "runs": runs,

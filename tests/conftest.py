@@ -12,6 +12,11 @@ from pathlib import Path
 
 import pytest
 
+# Ray's driver installs a SIGSEGV handler over the JVM's when Lucene (pyserini) started first in this process,
+# and the JVM takes SIGSEGV for its own null checks: a later Lucene call then crashes the test session. Ray
+# reads this once, when it is first imported, so it is set before any test imports it (ahf.engine does too).
+os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("AHF_SHARED_DATA", REPO.parent / "shared" / "data"))
 
