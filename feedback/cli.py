@@ -51,6 +51,10 @@ def run_label(args) -> int:
              f"tiers {r.tiers}; pairs {r.pairs}\n"
              f"reply sentiment: {r.replies_scored:,} replies ({r.distinct_texts:,} distinct texts) "
              f"on {r.turns_with_replies:,} turns")
+    either = r.sentiment_vote_agreement.get("votes", {})
+    if r.pairs.get("sentiment"):
+        human += (f"\nsentiment tiers {r.sentiment_tiers}; sentiment and vote pairs on the same siblings: "
+                  f"{either.get('agree', 0)} of {either.get('shared', 0)} agree")
     emit(report.to_dict(), args.json, human)
     return 0
 

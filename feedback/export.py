@@ -231,6 +231,8 @@ def _select_rows(store: Store, fmt: str, act: str | None, config: ExportConfig, 
     else:
         params["tiers"] = list(config.tiers if fmt == "pointwise" else config.sft_tiers)
     rows_sql = _ROWS_SQL[fmt].format(act_turns=act_turns, act_pairs=act_pairs)
+    if fmt != "pairs" and config.tier_source == "sentiment":
+        rows_sql = _with_sentiment_tiers(store, rows_sql)
     if engine.name == "local":  # one partition, straight into this connection's temp table
         list(engine.map(export_partition, [ExportTask(store, rows_sql, params, 0, 1)]))
     else:
@@ -268,6 +270,21 @@ def _select_rows(store: Store, fmt: str, act: str | None, config: ExportConfig, 
     posts = dict(store.rows("SELECT split, count(DISTINCT post_id) FROM export_rows GROUP BY split"))
     report.posts = {s: posts.get(s, 0) for s in config.splits}
     return _distributions(store, fmt)
+
+
+# `export.tier_source: sentiment`: the same rows SQL over the labels with `tier` taken from `sentiment_tier`.
+_LABELS = "FROM labels l"
+_SENTIMENT_TIER_LABELS = "FROM (SELECT * REPLACE (sentiment_tier AS tier) FROM labels) l"
+
+
+def _with_sentiment_tiers(store: Store, rows_sql: str) -> str:
+    has_column = store.value("SELECT count(*) FROM information_schema.columns "
+                             "WHERE table_name = 'labels' AND column_name = 'sentiment_tier'")
+    if not has_column:
+        raise UserError(f"export.tier_source: sentiment: the labels of {store.path} have no sentiment_tier "
+                        f"column (labelled by an older ahf); run `ahf label --store {store.path}` again")
+    assert rows_sql.count(_LABELS) == 1, "the pointwise and sft rows read `labels l` once"
+    return rows_sql.replace(_LABELS, _SENTIMENT_TIER_LABELS)
 
 
 def _distributions(store: Store, fmt: str) -> dict:

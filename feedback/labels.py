@@ -6,7 +6,12 @@ DuckDB file, replaced atomically by `label_store` (docs/feedback.md describes ev
 - `labels`: one row per turn. `z_rank`, `z_time`, `adjusted`, `tier` (the seed's confound-adjusted
   ranking), the sentiment of the turn's direct replies, and the combined `reward`.
 - `pairs`: preference pairs between sibling turns (same parent, so the same prompt): the SHP rule
-  and DialogRPT's time-adjacent rule, each with a `margin` and the `rule` that made it.
+  and DialogRPT's time-adjacent rule, each with a `margin` and the `rule` that made it, and (when
+  `sentiment_pairs.enabled`) the `sentiment` rule: the sibling whose replies were warmer.
+
+Sentiment pairs and the `sentiment_tier` column use the weighted reply sentiment shrunk toward the
+store's mean with a pseudo-count (`sentiment.prior_replies`), so a turn with one reply counts for less
+than a turn with ten; both are made after the partitions, since the mean is the whole store's.
 
 Adjusted ranking (signs): within a group (a post, by default), `z_rank` is the z-score of
 `sibling_rank` (1 = the highest score among siblings, so a *negative* z_rank means ranked high) and
@@ -41,6 +46,13 @@ from mining.store import Store
 from mining.turns import MiningConfig
 
 
+def _ordered_quantiles(config):
+    lo, hi = config.tier_quantiles
+    if not 0 < lo <= hi < 1:
+        raise ValueError("tier_quantiles must satisfy 0 < lo <= hi < 1")
+    return config
+
+
 class VoteConfig(StageConfig):
     """The seed's adjusted ranking and its good / ok / bad tiers."""
 
@@ -58,10 +70,7 @@ class VoteConfig(StageConfig):
 
     @model_validator(mode="after")
     def _ordered(self):
-        lo, hi = self.tier_quantiles
-        if not 0 < lo <= hi < 1:
-            raise ValueError("tier_quantiles must satisfy 0 < lo <= hi < 1")
-        return self
+        return _ordered_quantiles(self)
 
 
 class SHPConfig(StageConfig):
@@ -95,8 +104,39 @@ class SentimentConfig(StageConfig):
 
     positive_threshold: float = Field(POSITIVE_THRESHOLD, description="a reply counts as positive at compound >= this")
     weight_floor: int = Field(1, ge=1, description="a reply weighs max(score, weight_floor)")
+    prior_replies: float = Field(
+        2.0, ge=0, description="pseudo-count of the shrunk reply sentiment that sentiment pairs and tiers use: "
+                               "(n * weighted + prior_replies * store mean) / (n + prior_replies), n scored replies")
     workers: int = Field(0, ge=0, description="scoring processes; 0 = one per CPU")
     pool_min_texts: int = Field(20_000, ge=0, description="fewer distinct texts are scored in-process")
+
+
+class SentimentPairsConfig(StageConfig):
+    """The seed's "reward model from child comment sentiment": sibling turns whose direct replies differ in
+    shrunk weighted VADER sentiment (`sentiment.prior_replies`), so that a turn with one warm reply is less
+    sure than one with ten; the warmer-received turn is chosen, margin = the sentiment difference."""
+
+    enabled: bool = Field(
+        False, description="make `sentiment` pairs (off by default: the vote pairs stay the default data)")
+    min_replies: int = Field(2, ge=1, description="scored direct replies each turn of a pair needs, at least")
+    min_difference: float = Field(
+        0.25, gt=0, description="shrunk sentiment(chosen) - shrunk sentiment(rejected), at least")
+    max_candidates_per_parent: int = Field(
+        100, ge=2, description="turns with the most scored replies considered per parent (bounds the pairwise join)")
+
+
+class SentimentTierConfig(StageConfig):
+    """The seed's good / ok / bad tiers, on the shrunk reply sentiment instead of the adjusted votes."""
+
+    min_replies: int = Field(2, ge=1, description="turns with fewer scored direct replies get no sentiment tier")
+    tier_by: Literal["subreddit", "global"] = Field(
+        "subreddit", description="sentiment tier quantiles per subreddit, or over the whole store")
+    tier_quantiles: tuple[float, float] = Field(
+        (1 / 3, 2 / 3), description="shrunk sentiment < q_lo -> bad, > q_hi -> good, else ok")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        return _ordered_quantiles(self)
 
 
 class RewardConfig(StageConfig):
@@ -115,8 +155,10 @@ class ExportConfig(StageConfig):
     splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.9, "validation": 0.05, "test": 0.05},
                                      description="split name -> fraction of posts (no post in two splits)")
     seed: int = Field(0, description="the post -> split assignment is a hash of (seed, post_id)")
-    rules: list[Literal["shp", "time_adjacent"]] = Field(default_factory=lambda: ["shp", "time_adjacent"],
-                                                          description="pair rules exported by --format pairs")
+    rules: list[Literal["shp", "time_adjacent", "sentiment"]] = Field(
+        default_factory=lambda: ["shp", "time_adjacent"], description="pair rules exported by --format pairs")
+    tier_source: Literal["votes", "sentiment"] = Field(
+        "votes", description="the `tier` of --format pointwise and sft: the vote tier or the sentiment tier")
     tiers: list[Literal["good", "ok", "bad"]] = Field(default_factory=lambda: ["good", "ok", "bad"],
                                                       description="tiers exported by --format pointwise")
     sft_tiers: list[Literal["good", "ok", "bad"]] = Field(default_factory=lambda: ["good"],
@@ -140,6 +182,10 @@ class LabelConfig(StageConfig):
     time_adjacent: TimeAdjacentConfig = Field(default_factory=TimeAdjacentConfig,
                                               description="DialogRPT's time-adjacent pair rule")
     sentiment: SentimentConfig = Field(default_factory=SentimentConfig, description="reply sentiment (VADER)")
+    sentiment_pairs: SentimentPairsConfig = Field(default_factory=SentimentPairsConfig,
+                                                  description="the `sentiment` pair rule")
+    sentiment_tiers: SentimentTierConfig = Field(default_factory=SentimentTierConfig,
+                                                 description="good / ok / bad tiers on reply sentiment")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="the combined reward")
     partition_turns: int = Field(500_000, ge=1, description="turns per partition of posts (memory bound)")
     export: ExportConfig = Field(default_factory=ExportConfig, description="`ahf export`")
@@ -155,6 +201,11 @@ class LabelReport:
     distinct_texts: int = 0  # texts actually run through VADER
     turns_with_replies: int = 0
     rank_time_correlation: float | None = None  # within-group corr(z_rank, z_time): the confound
+    sentiment_tiers: dict[str, int] = field(default_factory=dict)
+    sentiment_prior: float | None = None  # mean weighted reply sentiment of turns with replies (the shrinkage target)
+    # per vote rule ("votes": either), sibling pairs that rule and the sentiment rule both made
+    # (`shared`) and how many of them choose the same reply (`agree`)
+    sentiment_vote_agreement: dict[str, dict[str, int]] = field(default_factory=dict)
     partitions: int = 0
     workers: int = 0
     seconds: float = 0.0
@@ -269,13 +320,24 @@ FROM replies r JOIN scored s USING (body)
 GROUP BY r.turn_id
 """
 
+# A turn's reply sentiment shrunk toward the store's mean: with n scored replies,
+# (n * weighted + k * prior) / (n + k), so one warm reply moves a turn less than ten do.
+_SHRUNK_SENTIMENT = "(s.n * s.weighted_mean + $prior_replies * $prior) / (s.n + $prior_replies)"
+
 # The labels (LABEL_SCHEMA): tiers from quantiles of `adjusted` per subreddit (or overall), reply
-# sentiment and the combined reward.
+# sentiment and the combined reward; sentiment tiers from quantiles of the shrunk reply sentiment.
 _FINAL_SQL = """
 WITH q AS (
   SELECT {tier_key} AS tier_key,
          quantile_cont(adjusted, $q_lo) AS q_lo, quantile_cont(adjusted, $q_hi) AS q_hi
   FROM labels_new WHERE adjusted IS NOT NULL GROUP BY ALL
+), shrunk AS (
+  SELECT l.comment_id, {sentiment_tier_key_l} AS tier_key, {shrunk} AS sentiment
+  FROM labels_new l JOIN sentiment_new s ON s.turn_id = l.comment_id
+  WHERE s.n >= $tier_min_replies
+), sq AS (
+  SELECT tier_key, quantile_cont(sentiment, $sq_lo) AS q_lo, quantile_cont(sentiment, $sq_hi) AS q_hi
+  FROM shrunk GROUP BY ALL
 )
 SELECT l.comment_id, l.post_id, l.subreddit, l.group_size, l.z_rank, l.z_time, l.adjusted,
        CASE WHEN l.adjusted IS NULL THEN NULL
@@ -287,11 +349,48 @@ SELECT l.comment_id, l.post_id, l.subreddit, l.group_size, l.z_rank, l.z_time, l
        s.weighted_mean AS reply_sentiment_weighted,
        s.positive_share AS reply_positive_share,
        CASE WHEN l.adjusted IS NULL THEN NULL
-            ELSE $w_vote * l.adjusted + $w_sentiment * coalesce({sentiment_col}, $missing) END AS reward
+            ELSE $w_vote * l.adjusted + $w_sentiment * coalesce({sentiment_col}, $missing) END AS reward,
+       CASE WHEN sh.sentiment IS NULL THEN NULL
+            WHEN sh.sentiment < sq.q_lo THEN 'bad'
+            WHEN sh.sentiment > sq.q_hi THEN 'good'
+            ELSE 'ok' END AS sentiment_tier
 FROM labels_new l
 LEFT JOIN q ON q.tier_key = {tier_key_l}
 LEFT JOIN sentiment_new s ON s.turn_id = l.comment_id
+LEFT JOIN shrunk sh ON sh.comment_id = l.comment_id
+LEFT JOIN sq ON sq.tier_key = sh.tier_key
 ORDER BY l.post_id, l.comment_id
+"""
+
+# Sentiment pairs: siblings (same parent) with enough scored replies each, the one whose replies were
+# warmer (shrunk sentiment) chosen when the difference reaches the margin. Runs once over the store
+# (the per-turn sentiment is small; the prior is the whole store's), not per partition.
+_SENTIMENT_PAIRS_SQL = f"""
+WITH cand AS (
+  SELECT t.comment_id, t.post_id, t.parent_id, t.score, t.created_utc, {_SHRUNK_SENTIMENT} AS sentiment
+  FROM sentiment_new s JOIN turns t ON t.comment_id = s.turn_id
+  WHERE s.n >= $min_replies
+  QUALIFY row_number() OVER (PARTITION BY t.parent_id ORDER BY s.n DESC, t.comment_id) <= $max_candidates
+)
+SELECT a.post_id, a.parent_id, a.comment_id AS chosen_id, b.comment_id AS rejected_id,
+       'sentiment' AS rule, a.sentiment - b.sentiment AS margin,
+       a.score AS chosen_score, b.score AS rejected_score,
+       a.created_utc AS chosen_created_utc, b.created_utc AS rejected_created_utc
+FROM cand a JOIN cand b ON a.parent_id = b.parent_id AND a.comment_id <> b.comment_id
+WHERE a.sentiment - b.sentiment >= $min_difference
+"""
+
+# Sibling pairs that a vote rule and the sentiment rule both made, whatever their direction, and how
+# many of those choose the same reply. "votes": made by either vote rule (both choose the higher score).
+_AGREEMENT_SQL = """
+WITH s AS (SELECT chosen_id, rejected_id FROM pairs WHERE rule = 'sentiment'),
+v AS (SELECT rule, chosen_id, rejected_id FROM pairs WHERE rule IN ('shp', 'time_adjacent')
+      UNION ALL
+      SELECT DISTINCT 'votes', chosen_id, rejected_id FROM pairs WHERE rule IN ('shp', 'time_adjacent'))
+SELECT v.rule, count(*) AS shared, count(*) FILTER (WHERE s.chosen_id = v.chosen_id) AS agree
+FROM v JOIN s ON least(s.chosen_id, s.rejected_id) = least(v.chosen_id, v.rejected_id)
+      AND greatest(s.chosen_id, s.rejected_id) = greatest(v.chosen_id, v.rejected_id)
+GROUP BY v.rule
 """
 
 
@@ -488,27 +587,62 @@ def _bot_authors(store: Store) -> list[str]:
 
 
 def _finish(store: Store, config: LabelConfig, report: LabelReport, results: list[PartitionLabels]) -> None:
-    """Tiers over every partition's votes, rewards, and the swap of `labels` and `pairs`."""
+    """Tiers over every partition's votes, rewards, sentiment tiers and pairs, and the swap of `labels`
+    and `pairs`."""
     votes, reward = config.votes, config.reward
-    by_subreddit = votes.tier_by == "subreddit"
+    tier_key = {True: ("coalesce(subreddit, '')", "coalesce(l.subreddit, '')"), False: ("''", "''")}
     sql = _FINAL_SQL.format(
-        tier_key="coalesce(subreddit, '')" if by_subreddit else "''",
-        tier_key_l="coalesce(l.subreddit, '')" if by_subreddit else "''",
+        tier_key=tier_key[votes.tier_by == "subreddit"][0],
+        tier_key_l=tier_key[votes.tier_by == "subreddit"][1],
+        sentiment_tier_key_l=tier_key[config.sentiment_tiers.tier_by == "subreddit"][1],
+        shrunk=_SHRUNK_SENTIMENT,
         sentiment_col="s.weighted_mean" if reward.sentiment == "weighted_mean" else "s.mean",
     )
-    params = {"q_lo": votes.tier_quantiles[0], "q_hi": votes.tier_quantiles[1], "w_vote": reward.w_vote,
-              "w_sentiment": reward.w_sentiment, "missing": reward.missing_sentiment}
     gathered = {name: pa.concat_tables([getattr(r, attr) for r in results])
                 for name, attr in (("labels_new", "votes"), ("pairs_new", "pairs"), ("sentiment_new", "sentiment"))}
-    with store.registered("labels_new", gathered["labels_new"]), \
-            store.registered("pairs_new", gathered["pairs_new"]), \
-            store.registered("sentiment_new", gathered["sentiment_new"]):
-        store.replace_tables({"labels": (sql, params),
-                              "pairs": "SELECT * FROM pairs_new ORDER BY post_id, rule, chosen_id, rejected_id"},
-                             meta={"labels_config": config.model_dump(mode="json")})
+    report.sentiment_prior = _sentiment_prior(gathered["sentiment_new"])
+    shrink = {"prior": report.sentiment_prior, "prior_replies": config.sentiment.prior_replies}
+    params = {"q_lo": votes.tier_quantiles[0], "q_hi": votes.tier_quantiles[1], "w_vote": reward.w_vote,
+              "w_sentiment": reward.w_sentiment, "missing": reward.missing_sentiment,
+              "sq_lo": config.sentiment_tiers.tier_quantiles[0], "sq_hi": config.sentiment_tiers.tier_quantiles[1],
+              "tier_min_replies": config.sentiment_tiers.min_replies} | shrink
+    with store.registered("sentiment_new", gathered["sentiment_new"]):
+        if config.sentiment_pairs.enabled:
+            gathered["pairs_new"] = pa.concat_tables(
+                [gathered["pairs_new"], _sentiment_pairs(store, config.sentiment_pairs, shrink)])
+        with store.registered("labels_new", gathered["labels_new"]), \
+                store.registered("pairs_new", gathered["pairs_new"]):
+            store.replace_tables({"labels": (sql, params),
+                                  "pairs": "SELECT * FROM pairs_new ORDER BY post_id, rule, chosen_id, rejected_id"},
+                                 meta={"labels_config": config.model_dump(mode="json")})
     report.labelled = store.value("SELECT count(*) FROM labels WHERE adjusted IS NOT NULL")
     report.tiers = dict(store.rows("SELECT tier, count(*) FROM labels WHERE tier IS NOT NULL GROUP BY tier ORDER BY tier"))
+    report.sentiment_tiers = dict(store.rows("SELECT sentiment_tier, count(*) FROM labels "
+                                             "WHERE sentiment_tier IS NOT NULL GROUP BY 1 ORDER BY 1"))
     report.pairs = dict(store.rows("SELECT rule, count(*) FROM pairs GROUP BY rule ORDER BY rule"))
+    report.sentiment_vote_agreement = sentiment_vote_agreement(store)
     report.turns_with_replies = store.value("SELECT count(*) FROM labels WHERE reply_count > 0")
     corr = store.value("SELECT corr(z_rank, z_time) FROM labels WHERE adjusted IS NOT NULL")
     report.rank_time_correlation = None if corr is None or math.isnan(corr) else round(corr, 4)
+
+
+def _sentiment_prior(sentiment: pa.Table) -> float:
+    """The shrinkage target: the mean weighted reply sentiment over the turns that have scored replies
+    (0, neutral, in a store without any)."""
+    values = [v for v in sentiment["weighted_mean"].to_pylist() if v is not None]
+    # fsum: exactly rounded whatever the order, so any partitioning gives the same prior to the last bit
+    return math.fsum(values) / len(values) if values else 0.0
+
+
+def _sentiment_pairs(store: Store, rule: SentimentPairsConfig, shrink: dict) -> pa.Table:
+    return store.arrow(_SENTIMENT_PAIRS_SQL, {
+        "min_replies": rule.min_replies, "min_difference": rule.min_difference,
+        "max_candidates": rule.max_candidates_per_parent} | shrink).cast(PAIR_SCHEMA)
+
+
+def sentiment_vote_agreement(store: Store) -> dict[str, dict[str, int]]:
+    """For each vote rule (and "votes", either of them): the sibling pairs it and the sentiment rule
+    both made (`shared`) and how many of those choose the same reply (`agree`). Zeros without
+    sentiment pairs."""
+    found = {rule: {"shared": shared, "agree": agree} for rule, shared, agree in store.rows(_AGREEMENT_SQL)}
+    return {rule: found.get(rule, {"shared": 0, "agree": 0}) for rule in ("shp", "time_adjacent", "votes")}

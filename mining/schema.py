@@ -113,6 +113,7 @@ LABEL_SCHEMA = pa.schema(
         ("reply_sentiment_weighted", pa.float64()),
         ("reply_positive_share", pa.float64()),
         ("reward", pa.float64()),
+        ("sentiment_tier", pa.string()),
     ]
 )
 

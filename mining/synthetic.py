@@ -350,6 +350,7 @@ _POS_SHARE_UNDER_GOOD, _POS_SHARE_UNDER_BAD = 0.85, 0.15
 # each of two replies to a good / bad comment (falling with depth).
 _POPULARITY_SIGMA, _DELAY_EXPONENT, _ORDER_PENALTY, _NOISE_SIGMA, _DEPTH_DECAY = 2.5, 1.0, 0.2, 0.25, 0.3
 _CHILD_CHANCE = {True: 0.08, False: 0.03}
+_CHILD_DRAWS = 2  # chances of a reply per comment (times ceil(reaction_scale))
 
 
 @dataclass(frozen=True)
@@ -357,6 +358,13 @@ class SyntheticSpec:
     posts: int = 200  # a quarter of each family, in turn
     mean_top_level: float = 7.0  # median direct replies per post (log-normal, 2 to 40)
     seed: int = 7  # the same seed writes the same bytes
+    # multiplies the expected number of replies under each comment (1: the demo's corpus, byte for byte;
+    # larger gives more turns with several direct replies, which the sentiment pair rule needs)
+    reaction_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.reaction_scale <= 0:
+            raise ValueError(f"reaction_scale must be positive, got {self.reaction_scale}")
 
 
 @dataclass
@@ -511,6 +519,18 @@ def _reaction(rng: random.Random, post: _Post, kind: str, sentiment: str, target
     return _garble(rng, specific[:2], target)
 
 
+def _reply_count(rng: random.Random, parent_kind: str, depth: int, scale: float) -> int:
+    """How many reactions a comment at depth - 1 gets: ceil(scale) x _CHILD_DRAWS tries, each with the
+    chance for its parent's quality / (depth - 1)^1.5 x scale / ceil(scale); expected count x scale, and at
+    scale 1 exactly the draws the demo corpus was written with."""
+    good = QUALITY[parent_kind] >= 0.5
+    rounds = math.ceil(scale)
+    chance = _CHILD_CHANCE[good] / (depth - 1) ** 1.5
+    if rounds != scale:
+        chance *= scale / rounds
+    return sum(rng.random() < chance for _ in range(_CHILD_DRAWS * rounds))
+
+
 def _pick(rng: random.Random, shares: dict[str, float]) -> str:
     return rng.choices(list(shares), weights=list(shares.values()))[0]
 
@@ -554,8 +574,7 @@ def generate(out_dir: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> dict
             if depth == 1:
                 n_children = n_top
             else:
-                good = QUALITY[parent_kind] >= 0.5
-                n_children = sum(rng.random() < _CHILD_CHANCE[good] / (depth - 1) ** 1.5 for _ in range(2))
+                n_children = _reply_count(rng, parent_kind, depth, spec.reaction_scale)
             delays = sorted(int(rng.lognormvariate(math.log(1_800 if depth == 1 else 1_200), 1.0))
                             for _ in range(n_children))
             for order, delay in enumerate(delays):

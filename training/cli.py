@@ -9,7 +9,7 @@ import functools
 import sys
 
 from ahf.args import add_config, add_json, shared_verb
-from ahf.console import emit, progress_bar
+from ahf.console import UserError, emit, progress_bar
 
 
 def quiet_stdout(handler):
@@ -104,9 +104,15 @@ def add_commands(subparsers) -> None:
     p.set_defaults(handler=run_launch)
 
     merge = shared_verb(subparsers, "merge", "merge models")
-    p = merge.add_parser("rm", help="merge reward models trained from the same base (and the same tasks)")
+    p = merge.add_parser("rm", help="merge reward models: their weights (same base, same tasks) or, with "
+                                    "--method ensemble, their standardised rewards (any reward models)")
     p.add_argument("models", nargs="+", help="reward model directories")
-    p.add_argument("--method", choices=["average", "task-arithmetic", "ties"], default="average")
+    p.add_argument("--method", choices=["average", "task-arithmetic", "ties", "ensemble"], default="average",
+                   help="weight merges: average | task-arithmetic | ties; ensemble: the mean of the members' "
+                        "standardised rewards (training/ensemble.py)")
+    p.add_argument("--reference", metavar="PAIRS",
+                   help="ensemble: pairs on which each member's reward mean and std are fixed (e.g. the training "
+                        "pairs); default: standardise on whatever is scored")
     p.add_argument("--base", help="the shared base model (default: the models' recorded base_model)")
     p.add_argument("--scale", type=float, default=1.0, help="task-vector scale (task-arithmetic, ties)")
     p.add_argument("--density", type=float, default=0.2, help="fraction of each task vector TIES keeps")
@@ -203,7 +209,6 @@ def run_launch(args, stdout=None) -> int:
 
 def _rm_data(args):
     """One DATA, or {task: DATA} from `--task NAME=DATA` (two or more): exactly one of the two."""
-    from ahf.console import UserError
     from training.multitask import parse_task_specs
 
     if (args.data is None) == (not args.task):
@@ -212,14 +217,32 @@ def _rm_data(args):
     return parse_task_specs(args.task) if args.task else args.data
 
 
+def _interval(ci: dict | list | None) -> str:
+    bounds = ci.get("bootstrap") if isinstance(ci, dict) else ci
+    return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else "[-]"
+
+
+def _eval_rm_lines(result: dict) -> list[str]:
+    """The headline figures of training.evaluation.pair_metrics (95 % intervals: bootstrap over prompts)."""
+    vs, similar, regressed = result["vs_length"], result["length_controlled"], result["length_regressed"]
+    similar_text = (f"{similar['accuracy']:.3f} {_interval(similar['ci'])} (length baseline "
+                    f"{similar['length_baseline']:.3f})" if similar["pairs"] else "-")
+    return [f"{result['pairs']} pairs, {result['prompts']} prompts: accuracy {result['accuracy']:.3f} "
+            f"{_interval(result['accuracy_ci'])}   mean margin {result['mean_margin']:+.3f}",
+            f"length baseline (longer wins) {result['length_baseline']:.3f} {_interval(result['length_baseline_ci'])}"
+            f"   model - baseline {vs['difference']:+.3f} {_interval(vs['ci'])}",
+            f"length-controlled: {similar['pairs']} pairs within {similar['tolerance']:.0%} in words "
+            f"{similar_text}; after a monotone length fit {regressed['accuracy']:.3f} {_interval(regressed['ci'])}",
+            f"calibration (sigmoid of the reward difference vs observed): ECE {result['calibration']['ece']:.3f}"]
+
+
 @quiet_stdout
 def run_eval_rm(args, stdout=None) -> int:
     from training.rm import evaluate_reward_model
 
     result = evaluate_reward_model(args.model, args.pairs, detokenize=args.detokenize, max_length=args.max_length,
                                    task=args.task)
-    lines = [f"{result['pairs']} pairs: accuracy {result['accuracy']:.3f}   length baseline (longer wins) "
-             f"{result['length_baseline']:.3f}   mean margin {result['mean_margin']:+.3f}"]
+    lines = _eval_rm_lines(result)
     if "max_length_clamped" in result:
         clamp = result["max_length_clamped"]
         lines.append(f"max_length {clamp['asked']} is past the backbone's {clamp['positions']} positions: "
@@ -235,7 +258,14 @@ def run_eval_rm(args, stdout=None) -> int:
 def run_merge_rm(args, stdout=None) -> int:
     from training.merge import merge_reward_models
 
-    result = merge_reward_models(args.models, args.out, method=args.method, base=args.base,
-                                 scale=args.scale, density=args.density)
+    if args.method == "ensemble":
+        from training.ensemble import merge_ensemble
+
+        result = merge_ensemble(args.models, args.out, reference=args.reference)
+    else:
+        if args.reference:
+            raise UserError("--reference is for --method ensemble (a weight merge has no rewards to standardise)")
+        result = merge_reward_models(args.models, args.out, method=args.method, base=args.base,
+                                     scale=args.scale, density=args.density)
     _emit(result, args, stdout=stdout, human=f"merged {len(args.models)} reward models ({args.method}) -> {result['out_dir']}")
     return 0

@@ -332,12 +332,29 @@ def split_by_prompt(examples: list, eval_fraction: float, seed: int = 0) -> tupl
 
 @dataclass
 class FilterReport:
-    """What length filtering did: `kept` rows, and per-reason counts of dropped / truncated ones."""
+    """What length filtering did: `kept` rows, and per-reason counts of dropped / truncated ones; where a
+    LengthPolicy counted them, the reply tokens the model sees of the kept rows against their whole length."""
     total: int = 0
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     truncated: Counter = field(default_factory=Counter)
+    reply_tokens_seen: int = 0
+    reply_tokens_whole: int = 0
 
     def to_dict(self) -> dict:
-        return {"total": self.total, "kept": self.kept, "dropped": dict(self.dropped),
-                "truncated": dict(self.truncated)}
+        counts = {"total": self.total, "kept": self.kept, "dropped": dict(self.dropped),
+                  "truncated": dict(self.truncated)}
+        if self.reply_tokens_whole:
+            counts["reply_tokens"] = {"seen": self.reply_tokens_seen, "whole": self.reply_tokens_whole,
+                                      "share_seen": round(self.reply_tokens_seen / self.reply_tokens_whole, 4)}
+        return counts
+
+
+def tier_pairs(points: list[PointExample]) -> list[Pair]:
+    """Pairs from tiered rows: a better-tier and a worse-tier completion of the same prompt (held-out
+    pairwise accuracy of a tier model, its length baseline and buckets)."""
+    by_prompt: dict[str, list[PointExample]] = {}
+    for p in points:
+        by_prompt.setdefault(p.prompt, []).append(p)
+    return [Pair(prompt, a.completion, b.completion) for prompt, group in by_prompt.items()
+            for a in group for b in group if a.tier > b.tier]

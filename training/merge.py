@@ -23,7 +23,7 @@ import torch
 
 from ahf.console import UserError
 from ahf.model_folders import SAFE_LOADING, check_model_folder
-from training.models import MODEL_CARD, WEIGHTS, RewardModel, load_state, load_tokenizer, read_card
+from training.models import MODEL_CARD, NO_NETWORK_METHODS, WEIGHTS, RewardModel, load_state, load_tokenizer, read_card
 
 
 def _base_backbone_state(base: str) -> dict[str, torch.Tensor]:
@@ -83,6 +83,10 @@ def merge_reward_models(model_dirs: list[str], out_dir: str | Path, method: str 
     if len(model_dirs) < 2:
         raise UserError("merging needs at least two reward models")
     cards = [read_card(Path(d), "reward_model") for d in model_dirs]
+    for directory, card in zip(model_dirs, cards):
+        if card.get("method") in NO_NETWORK_METHODS:
+            raise UserError(f"{directory} is a {card['method']} reward model: it has no weights to merge; combine "
+                            "it with --method ensemble")
     for directory, card in zip(model_dirs[1:], cards[1:]):
         if card["backbone_config"].get("model_type") != cards[0]["backbone_config"].get("model_type") \
                 or card["head"] != cards[0]["head"]:

