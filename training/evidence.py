@@ -206,12 +206,53 @@ def probe_main(argv) -> int:
     return 0
 
 
+def probe_tasks_run(out: Path, seed: int, cache: Path) -> dict:
+    """Two tasks with the probe recipe: a probe per task, one on both tasks' pairs pooled (`joint`), and the
+    ensemble of the two per-task probes (training/ensemble.py, standardised on the pooled training pairs),
+    each scored on both held-out sets (stories: 20 % of prompts; explanations: 20 % of questions)."""
+    from training.ensemble import merge_ensemble
+    from training.evaluation import pair_metrics
+    from training.rm import score_reward_model
+
+    where = out / f"seed{seed}"
+    stories = D.load_pairs(SHARED_DATA / "writingprompts" / "upvote_ranked_pairs.jsonl", detok=True)
+    splits = {"stories": D.split_by_prompt(stories, 0.2, seed),
+              "explanations": D.explanation_task(SHARED_DATA / "explanations" / "validity_annotation.jsonl", 0.2,
+                                                 seed)[:2]}
+    splits["joint"] = (splits["stories"][0] + splits["explanations"][0], [])
+    for name, (train, held) in splits.items():
+        D.write_pairs(train, where / f"{name}_train.jsonl")
+        D.write_pairs(held, where / f"{name}_held.jsonl")
+        config = RMConfig(method="probe", seed=seed, probe_cache_dir=str(cache),
+                          eval_pairs=str(where / f"{name}_held.jsonl") if held else None)
+        train_reward_model(config, where / f"{name}_train.jsonl", where / f"rm_{name}")
+    merge_ensemble([str(where / "rm_stories"), str(where / "rm_explanations")], where / "rm_ensemble",
+                   reference=str(where / "joint_train.jsonl"))
+    table = {}
+    for model in ("stories", "explanations", "joint", "ensemble"):
+        for task in ("stories", "explanations"):
+            chosen, rejected, pairs, _ = score_reward_model(where / f"rm_{model}", where / f"{task}_held.jsonl")
+            m = pair_metrics(chosen, rejected, pairs, seed=seed)
+            table.setdefault(model, {})[task] = {"accuracy": round(m["accuracy"], 3),
+                                                 "ci": _rounded(m["accuracy_ci"]["bootstrap"]),
+                                                 "length_baseline": round(m["length_baseline"], 3), "pairs": m["pairs"]}
+    return {"seed": seed, "table": table}
+
+
 def main(argv=None) -> int:
     import sys
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["probe"]:
         return probe_main(argv[1:])
+    if argv[:1] == ["probe-tasks"]:  # python -m training.evidence probe-tasks OUT CACHE SEED [SEED ...]
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        out, cache, seeds = Path(argv[1]), Path(argv[2]), [int(s) for s in argv[3:]] or [0]
+        report = [probe_tasks_run(out, seed, cache) for seed in seeds]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "probe_tasks.json").write_text(json.dumps(report, indent=1))
+        print(json.dumps(report, indent=1))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/evidence")
     parser.add_argument("--max-length", type=int, default=128)
