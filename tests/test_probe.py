@@ -13,7 +13,7 @@ import torch
 from ahf.cli import main as ahf_main
 from ahf.console import UserError
 from training import data as D
-from training.probe import (Chunking, EmbeddingCache, FrozenEncoder, Rows, covered, embed_texts, fit_head,
+from training.probe import (Chunking, embedding_cache, FrozenEncoder, Rows, covered, embed_texts, fit_head,
                             head_accuracy, score_with_probe)
 from training.rm import RMConfig, train_reward_model
 
@@ -86,7 +86,7 @@ def test_a_stride_past_the_window_is_refused_by_name():
 def test_long_texts_are_embedded_whole_and_cached(encoder, tmp_path):
     story = " ".join(f"word{i}" for i in range(700))
     chunking = Chunking(64, 48)
-    cache = EmbeddingCache(tmp_path, encoder, chunking)
+    cache = embedding_cache(tmp_path, encoder, chunking)
     first, stats = embed_texts([story, "short"], encoder, chunking, cache)
     whole = len(encoder.tokens(story)) + len(encoder.tokens("short"))
     assert stats["tokens_seen"] == stats["tokens_whole"] == whole and whole > 700  # nothing cut
@@ -102,7 +102,7 @@ def test_long_texts_are_embedded_whole_and_cached(encoder, tmp_path):
     assert stats["tokens_seen"] == stats["tokens_whole"] == whole
     np.testing.assert_array_equal(again[story], first[story])
     # another chunking is another cache entry
-    _, stats = embed_texts([story], encoder, Chunking(64, 64), EmbeddingCache(tmp_path, encoder, Chunking(64, 64)))
+    _, stats = embed_texts([story], encoder, Chunking(64, 64), embedding_cache(tmp_path, encoder, Chunking(64, 64)))
     assert stats["encoded"] == 1
 
 

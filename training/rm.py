@@ -115,7 +115,7 @@ class RMConfig(TrainCommon):
     probe_refit: bool = Field(True, description="method=probe: retrain on training + validation rows with the chosen "
                                                 "candidate and epoch count")
     probe_cache_dir: str | None = Field(
-        None, description="method=probe: embedding cache (safetensors per encoder, chunking and text hash); None: "
+        None, description="method=probe: embedding cache (the dense index's, one per encoder and chunking); None: "
                           "~/.cache/ahf/embeddings")
 
 
@@ -274,11 +274,6 @@ def evaluate_reward_model(model_dir: str | Path, pairs_path: str | Path, detoken
     `task`: which task's conditioning to score with (required for, and only for, a joint multi-task model).
     `max_length` (default: the training max_length) past the backbone's positions is clamped to them, and
     the result says so (`max_length_clamped`): scoring at the limit is the nearest the model can do."""
-    method = read_card(model_dir, "reward_model").get("method", "finetune")
-    if method == "probe":  # a frozen backbone + head
-        from training.probe import evaluate_probe
-
-        return evaluate_probe(model_dir, pairs_path, detokenize, task)
     chosen, rejected, pairs, facts = score_reward_model(model_dir, pairs_path, detokenize, max_length, batch_size,
                                                         task)
     return {"model": str(model_dir), "pairs_file": str(pairs_path), **({"task": task} if task else {}),
@@ -293,13 +288,14 @@ def score_reward_model(model_dir: str | Path, pairs_path: str | Path, detokenize
     card = read_card(model_dir, "reward_model")
     detok = card.get("train_config", {}).get("detokenize", False) if detokenize is None else detokenize
     if card.get("method") == "probe":
-        from training.probe import score_with_probe
+        from training.probe import score_with_probe, tokens_of
 
         if task is not None:
-            raise UserError(f"{model_dir} is a single-task reward model; it takes no task (got {task!r})")
+            raise UserError(f"this reward model is single-task; it takes no task (got {task!r})")
         pairs = D.load_pairs(pairs_path, detok=detok)
         chosen, rejected, stats, _ = score_with_probe(model_dir, pairs)
-        return chosen.tolist(), rejected.tolist(), pairs, {"method": "probe", "embedding": stats}
+        return chosen.tolist(), rejected.tolist(), pairs, {"method": "probe", "tokens": tokens_of(stats),
+                                                           "embedding": stats}
     if card.get("method") == "ensemble":
         from training.ensemble import score_ensemble
 
