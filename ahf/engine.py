@@ -19,6 +19,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 from ahf.console import UserError
@@ -53,6 +54,23 @@ class LocalEngine:
         self.close()
 
 
+@contextmanager
+def keep_signal_handlers() -> Iterator[None]:
+    """Undo what `ray.init` does to this process's fatal-signal handlers: it enables Python's faulthandler,
+    which then runs before the JVM's SIGSEGV handler when the JVM (pyserini's Lucene) started first. The JVM
+    takes SIGSEGV for its own implicit null checks; faulthandler reports such a fault as fatal and re-raises
+    it, and the JVM aborts ("Fatal Python error: Segmentation fault", seen building a Lucene index after a
+    Ray build in one process). Ray's own absl handler is kept off by RAY_DISABLE_FAILURE_SIGNAL_HANDLER."""
+    import faulthandler
+
+    was_enabled = faulthandler.is_enabled()
+    try:
+        yield
+    finally:
+        if not was_enabled and faulthandler.is_enabled():
+            faulthandler.disable()  # restores the handlers it replaced, the JVM's among them
+
+
 class RayEngine:
     """The partitions as Ray tasks: on the cluster at `address`, or on a local instance started here
     with `num_cpus` (default: this machine's cores). A Ray already initialised in this process (a test
@@ -73,8 +91,9 @@ class RayEngine:
         if self._owned:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private instance on loopback
             try:
-                ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-                         log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
+                with keep_signal_handlers():
+                    ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                             log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise UserError(f"cannot reach the Ray cluster at {address or 'a new local instance'}: {exc}") from exc
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -20,6 +20,9 @@ large runs hit the embedding cache and encode only the unique texts. Reported, a
 cache (turns/s, training and shard time, bytes per vector in memory and on disk) and the latency of
 one-vector searches next to the flat index; and recall@10 against exact search on the distinct
 base turns (the scaled corpora repeat each text, so a recall there would only count copies).
+`--bm25-shards N` measures only BM25 as N Lucene shards (bench_bm25_shards): per size, the build as one
+index, as N shards one after another (local engine) and as N shards on Ray tasks (a local Ray instance
+with this machine's cores), and our BM25 top 50 on one index against the shards searched as one.
 `--ray-encoding N` measures only the encoding of N distinct base replies (empty caches): the local
 engine twice (the first call pays the imports and the model load), then Ray Data actors on a local
 Ray instance with this machine's cores (bench_ray_encoding).
@@ -181,10 +184,9 @@ def bench_size(base: Path, size: int, work: Path, cache: Path, queries: list[tup
     import bm25s
 
     from index.acts import tag_acts
-    from index.bm25 import BM25Searcher, build_bm25
+    from index.bm25 import build_bm25
     from index.corpus import read_turns
     from index.dense import DenseConfig, build_dense
-    from index.query import ActSearcher
     from mining.store import Store
 
     store = scaled_store(base, size, work)
@@ -244,6 +246,36 @@ def bench_ivfpq(root: Path, ids: list[str], texts: list[str], shards: int = 2, q
         out[f"{name}_search_k10"] = percentiles(timed(lambda q: s.search_vectors(q[None], 10), [(q,) for q in sample]))
     for where in (flat_root, ivf_root):
         shutil.rmtree(where, ignore_errors=True)
+    return out
+
+
+def bench_bm25_shards(base: Path, size: int, work: Path, shards: int, queries: list[tuple[str, str]]) -> dict:
+    """BM25 at `size` turns: one index against `shards` Lucene shards (built on the local engine and
+    on Ray), and the top-50 latency of one index against the shards as one MultiReader."""
+    from ahf.engine import make_engine
+    from index.bm25 import BM25Searcher, build_bm25
+    from mining.store import Store
+
+    store = scaled_store(base, size, work)
+    out: dict = {"turns": size, "shards": shards}
+    builds = {"one index": (1, "local"), f"{shards} shards, local engine": (shards, "local"),
+              f"{shards} shards, ray": (shards, "ray")}
+    for name, (n, engine_name) in builds.items():
+        root = work / f"bm25-{n}-{engine_name}"
+        shutil.rmtree(root, ignore_errors=True)
+        with make_engine(engine_name) as engine, Store(store, read_only=True) as s:
+            started = time.perf_counter()  # the Ray instance's start-up is not counted
+            report = build_bm25(s, root, shards=n, engine=engine)
+        seconds = time.perf_counter() - started
+        out[name] = {"build_s": round(seconds, 2), "turns_per_s": round(report.docs / seconds, 1), "root": str(root)}
+    for name in ("one index", f"{shards} shards, local engine"):
+        searcher = BM25Searcher(out[name].pop("root"))
+        for _, text in queries[:20]:
+            searcher.search(text, 50)  # warm-up
+        out[name]["search_k50"] = percentiles(timed(lambda text: searcher.search(text, 50), [(t,) for _, t in queries]))
+        searcher.close()
+    out[f"{shards} shards, ray"].pop("root")
+    shutil.rmtree(store, ignore_errors=True)
     return out
 
 
@@ -310,6 +342,7 @@ def main() -> int:
     parser.add_argument("--encoder-sample", type=int, default=300, help="texts for the bare-vs-cold encoder run")
     parser.add_argument("--warm-cache", help="an embedding cache dir (STORE/index/embeddings/<encoder>) to start from")
     parser.add_argument("--ivfpq-only", action="store_true", help="only the sharded IVF-PQ figures (bench_ivfpq)")
+    parser.add_argument("--bm25-shards", type=int, metavar="N", help="only BM25 as N Lucene shards (bench_bm25_shards)")
     parser.add_argument("--ray-encoding", type=int, metavar="N", help="only the encoding rate, local vs Ray, on N texts")
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "index.json"))
     args = parser.parse_args()
@@ -340,6 +373,10 @@ def main() -> int:
         return 0
     if args.ray_encoding:
         print(json.dumps(bench_ray_encoding(base, work, args.ray_encoding), indent=2))
+        return 0
+    if args.bm25_shards:
+        result = {size: bench_bm25_shards(base, size, work, args.bm25_shards, queries) for size in args.sizes}
+        print(json.dumps(result, indent=2))
         return 0
 
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),

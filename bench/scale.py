@@ -28,9 +28,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
-CONFIGS = {"local": ("local", 0), "ray, 1 worker": ("ray", 1), "ray, 2 workers": ("ray", 2)}
+# name: (engine, Ray workers, cores the whole run may use: None = every core of the machine)
+CONFIGS = {"local": ("local", 0, None), "ray, 1 worker": ("ray", 1, None), "ray, 2 workers": ("ray", 2, None),
+           # strong scaling: one worker on one core (driver and Ray's daemons on it too) against two
+           # workers on two; "ray, 1 worker" has the second core free for the driver, so its ratio to
+           # "ray, 2 workers" compares two runs on the same two cores
+           "ray, 1 worker, 1 core": ("ray", 1, 1)}
 # --delta: the same runs on a Delta Lake store (AHF_STORE_FORMAT=delta) beside the DuckDB file's
-DELTA_CONFIGS = {"local, delta": ("local", 0), "ray, 2 workers, delta": ("ray", 2)}
+DELTA_CONFIGS = {"local, delta": ("local", 0, None), "ray, 2 workers, delta": ("ray", 2, None)}
 STAGES = ("ingest", "turns", "label", "export")
 
 
@@ -70,20 +75,35 @@ def worker(engine_name: str, cpus: int, store: str, inputs: list[str], per_parti
 
     with make_engine(engine_name) as engine:
         timings["engine_start_s"] = round(time.perf_counter() - started, 2)
+        # the partition phase of each stage: from its first task to its last result taken (the driver's
+        # work between results, such as the ingest's upserts, included); the rest of the stage is serial
+        mapped = {"s": 0.0}
+        engine_map = engine.map
+
+        def map_timed(fn, items):
+            begun = time.perf_counter()
+            yield from engine_map(fn, items)
+            mapped["s"] += time.perf_counter() - begun
+
+        engine.map = map_timed
         labels = LabelConfig.model_validate({"partition_turns": per_partition,
                                              "export": {"partition_turns": per_partition}})
-        t = time.perf_counter()
+        mapped["s"], t = 0.0, time.perf_counter()
         report = ingest(inputs, store, rebuild=False, engine=engine)
-        timings["ingest"] = {"s": time.perf_counter() - t, "items": report.records_read}
+        timings["ingest"] = {"s": time.perf_counter() - t, "items": report.records_read, "partition_s": mapped["s"]}
+        mapped["s"] = 0.0
         t = time.perf_counter()
         turns = build_turns(store, TurnConfig(partition_comments=per_partition), engine=engine)
-        timings["turns"] = {"s": time.perf_counter() - t, "items": turns.comments}
+        timings["turns"] = {"s": time.perf_counter() - t, "items": turns.comments, "partition_s": mapped["s"]}
+        mapped["s"] = 0.0
         t = time.perf_counter()
         label_store(store, labels, engine=engine)
-        timings["label"] = {"s": time.perf_counter() - t, "items": turns.turns}
+        timings["label"] = {"s": time.perf_counter() - t, "items": turns.turns, "partition_s": mapped["s"]}
+        mapped["s"] = 0.0
         t = time.perf_counter()
         export_dataset(store, "pairs", Path(store).parent / "export", force=True, config=labels.export, engine=engine)
-        timings["export"] = {"s": time.perf_counter() - t, "items": turns.turns}
+        timings["export"] = {"s": time.perf_counter() - t, "items": turns.turns, "partition_s": mapped["s"]}
+        mapped["s"] = 0.0
         timings["workers"] = engine.workers
     if engine_name == "ray":
         ray.shutdown()
@@ -101,7 +121,7 @@ def _used_memory_mb() -> float:
 
 
 def run_config(name: str, work: Path, inputs: list[Path], per_partition: int) -> dict:
-    engine_name, cpus = (CONFIGS | DELTA_CONFIGS)[name]
+    engine_name, cpus, cores = (CONFIGS | DELTA_CONFIGS)[name]
     env = os.environ | {"AHF_STORE_FORMAT": "delta" if name in DELTA_CONFIGS else "duckdb"}
     out = work / name.replace(", ", "-").replace(" ", "")
     shutil.rmtree(out, ignore_errors=True)
@@ -118,7 +138,9 @@ def run_config(name: str, work: Path, inputs: list[Path], per_partition: int) ->
     sampler.start()
     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(
         [engine_name, cpus, str(out / "store"), [str(p) for p in inputs], per_partition])],
-        capture_output=True, text=True, cwd=REPO, env=env)
+        capture_output=True, text=True, cwd=REPO, env=env,
+        # every process of the run (the driver, Ray's daemons and workers) inherits the affinity
+        preexec_fn=(lambda: os.sched_setaffinity(0, set(range(cores)))) if cores else None)
     stop.set()
     sampler.join()
     if done.returncode:
@@ -129,6 +151,7 @@ def run_config(name: str, work: Path, inputs: list[Path], per_partition: int) ->
     for stage in STAGES:
         result[stage]["per_s"] = round(result[stage]["items"] / result[stage]["s"])
         result[stage]["s"] = round(result[stage]["s"], 2)
+        result[stage]["partition_s"] = round(result[stage]["partition_s"], 2)
     shutil.rmtree(out, ignore_errors=True)
     return result
 
@@ -142,6 +165,8 @@ def to_markdown(result: dict) -> str:
     for stage in STAGES:
         lines.append(f"| {stage} ({'records' if stage == 'ingest' else 'comments' if stage == 'turns' else 'turns'}/s) | "
                      + " | ".join(f"{r[stage]['per_s']:,} ({r[stage]['s']} s)" for r in runs.values()) + " |")
+    for stage in STAGES:
+        lines.append(f"| {stage}: partition phase (s) | " + " | ".join(str(r[stage]["partition_s"]) for r in runs.values()) + " |")
     lines.append("| Ray start-up (s) | " + " | ".join(str(r["engine_start_s"]) for r in runs.values()) + " |")
     lines.append("| whole run: wall s / machine CPU s | "
                  + " | ".join(f"{r['wall_s']} / {r['cpu_s']}" for r in runs.values()) + " |")
@@ -162,6 +187,8 @@ def main(argv=None) -> int:
     parser.add_argument("--delta", action="store_true", help="also run local and Ray (2 workers) on a Delta store")
     parser.add_argument("--only-delta-pair", action="store_true",
                         help="only local on the DuckDB file and local on Delta (the store formats compared)")
+    parser.add_argument("--only", nargs="+", choices=list(CONFIGS) + list(DELTA_CONFIGS), metavar="CONFIG",
+                        help=f"run only these configurations (of: {', '.join(list(CONFIGS) + list(DELTA_CONFIGS))})")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -171,15 +198,20 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     inputs = make_inputs(work, args.comments, args.files)
     per_partition = max(1, args.comments // 4)
-    names = ["local", "local, delta"] if args.only_delta_pair else \
-        list(CONFIGS) + (list(DELTA_CONFIGS) if args.delta else [])
+    names = args.only or (["local", "local, delta"] if args.only_delta_pair else
+                          list(CONFIGS) + (list(DELTA_CONFIGS) if args.delta else []))
     runs = {name: run_config(name, work, inputs, per_partition) for name in names}
     ratios = {}
-    for a, b in (("ray, 2 workers", "local"), ("ray, 2 workers", "ray, 1 worker"), ("local, delta", "local"),
+    for a, b in (("ray, 2 workers", "local"), ("ray, 2 workers", "ray, 1 worker"),
+                 ("ray, 2 workers", "ray, 1 worker, 1 core"), ("local, delta", "local"),
                  ("ray, 2 workers, delta", "ray, 2 workers")):
         if a in runs and b in runs:
             ratios |= {f"{stage}: {a} / {b}": round(runs[a][stage]["per_s"] / runs[b][stage]["per_s"], 2)
                        for stage in STAGES}
+            if a.startswith("ray") and b.startswith("ray"):  # the partition phases alone, by their seconds
+                ratios |= {f"{stage} partition phase: {a} / {b}":
+                           round(runs[b][stage]["partition_s"] / max(runs[a][stage]["partition_s"], 1e-9), 2)
+                           for stage in STAGES}
     result = {"command": "python bench/scale.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
               "comments": args.comments, "files": args.files, "per_partition": per_partition, "runs": runs,

@@ -22,7 +22,7 @@ def build_index(store_dir: str | Path, config: DenseConfig | None = None, index_
                 engine=None) -> dict:
     """Index every turn; returns what each side did (docs, seconds, how many texts were encoded).
     `config=None` reads configs/index.yaml. `engine` (ahf.engine, default local) encodes the texts
-    the embedding cache lacks and builds the shards of an ivfpq index; BM25 is built here."""
+    the embedding cache lacks and builds the shards of an ivfpq index and of BM25 (`bm25_shards`)."""
     config = config or load_config(DenseConfig, "index")
     root = Path(index_root) if index_root else default_root(store_dir)
     started = time.perf_counter()
@@ -30,7 +30,8 @@ def build_index(store_dir: str | Path, config: DenseConfig | None = None, index_
     with Store(store_dir, read_only=True) as store:
         result["turns"] = require_turns(store)
         if bm25:
-            result["bm25"] = build_bm25(store, root, threads=threads, progress=progress).to_dict()
+            result["bm25"] = build_bm25(store, root, threads=threads, progress=progress, shards=config.bm25_shards,
+                                        engine=engine).to_dict()
         if dense:
             turns = store.arrow("SELECT comment_id, reply FROM turns ORDER BY comment_id")
     if dense:

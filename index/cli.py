@@ -73,7 +73,9 @@ def run_index(args) -> int:
                              dense=args.only != "bm25", threads=args.threads, progress=advance, engine=engine)
     lines = [f"{result['turns']:,} turns indexed in {result['seconds']:.1f}s"]
     if "bm25" in result:
-        lines.append(f"bm25: {result['bm25']['docs']:,} docs ({result['bm25']['docs_per_s']:,} docs/s)")
+        b = result["bm25"]
+        shards = f", {b['shards']} Lucene shards" if b["shards"] > 1 else ""
+        lines.append(f"bm25: {b['docs']:,} docs ({b['docs_per_s']:,} docs/s{shards})")
     if "dense" in result:
         d = result["dense"]
         lines.append(f"dense: {d['docs']:,} docs, {d['index_type']}, {d['mode']}; encoded {d['encoded']:,} "

@@ -65,6 +65,9 @@ class DenseConfig(StageConfig):
     chunk_texts: int = Field(4096, ge=1, description="texts encoded (and cached) per step; with --engine ray, "
                                                     "the most texts in one Ray block")
     device: str | None = Field(None, description="torch device; default cuda when available, else cpu")
+    bm25_shards: int = Field(1, ge=1, description="BM25: Lucene indexes the turns are split into by thread, each built "
+                                                  "by one engine task and searched together as one index (the same "
+                                                  "scores); 1 = one index")
     shards: int = Field(0, ge=0, description="ivfpq: shards, one per hash partition of the comment ids, "
                                              "each built by one engine task; 0 = one per engine worker")
     nlist: int = Field(0, ge=0, description="ivfpq: coarse cells; 0 = 4 sqrt(turns), at most one per 39 "

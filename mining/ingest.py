@@ -9,7 +9,6 @@ open store (mining.turns), so no other process can slip in between the two.
 
 from __future__ import annotations
 
-import os
 import queue
 import shutil
 import threading
@@ -30,7 +29,7 @@ from ahf.console import UserError
 from mining.normalize import ParsedBlock, ParserPool, RowBuffer, SkipRecord, normalize_record
 from mining.readers import Document, InputError, LineBlock, read_items, split_lines
 from mining.reddit_api import iter_document
-from mining.store import ROW_GROUP_ROWS, Store, task_threads
+from mining.store import ROW_GROUP_ROWS, Store, task_threads, usable_cores
 from mining.turns import TurnConfig, TurnReport, rebuild_turns
 
 DEFAULT_BATCH_ROWS = 2 * ROW_GROUP_ROWS  # 245,760
@@ -351,7 +350,7 @@ def ingest_partition(task: IngestTask) -> tuple[FileReport, list[tuple[str, str]
 def parse_threads() -> int:
     """Parser threads for the ingest: the parse is its longest stage, so two on 2 cores (the
     decompressor and the store writer fill the rest); at most 4."""
-    return max(1, min(4, _cores()))
+    return max(1, min(4, usable_cores()))
 
 
 def _ingest_document(doc: Document, report: FileReport, batcher: _Batcher, name: str,
@@ -432,18 +431,11 @@ def _bulk_load(store: Store) -> Iterator[None]:
     """The ingest is already a pipeline (decompress thread, parse threads, writer thread): DuckDB's
     own threads compete with it for the cores. On 2 cores one DuckDB thread inserted a 250k-row
     batch with ~35 % less CPU than two (docs/bench/ingest.md). Queries after the load get them all."""
-    store.execute(f"SET threads = {max(1, _cores() // 2)}")
+    store.execute(f"SET threads = {max(1, usable_cores() // 2)}")
     try:
         yield
     finally:
-        store.execute("RESET threads")
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        store.execute(f"SET threads = {usable_cores()}")
 
 
 def summary_counts(store: Store) -> dict[str, int]:

@@ -73,6 +73,14 @@ def new_store_format() -> str:
     return value
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (taskset, a cpuset), which can be fewer than the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def task_threads() -> int | None:
     """The CPUs a Ray task was given (Ray sets OMP_NUM_THREADS to them in its workers), or None
     outside one: a task's DuckDB and parsers use that many threads, so tasks never oversubscribe."""
@@ -141,6 +149,8 @@ class Store:
             raise StoreError(f"cannot open store {db}: {exc}") from exc
         # DuckDB draws its progress bar on stdout, which belongs to `--json` output
         self.con.execute("SET enable_progress_bar = false")
+        if usable_cores() < (os.cpu_count() or 1):  # DuckDB counts the machine's cores, not this process's
+            self.con.execute(f"SET threads = {usable_cores()}")
 
     def _init_schema(self) -> None:
         self.con.execute("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
@@ -189,10 +199,12 @@ class Store:
             self._connect()
 
     @contextmanager
-    def partitioned(self, tables: tuple[str, ...], part: int, parts: int) -> Iterator[None]:
+    def partitioned(self, tables: tuple[str, ...], part: int, parts: int, copy: bool = False) -> Iterator[None]:
         """Inside the block, each of `tables` holds only the rows of the threads in partition `part`
         (`hash(THREAD_KEYS[table]) % parts == part`; temp views shadow the tables), so a stage's SQL
-        runs unchanged on one partition of threads."""
+        runs unchanged on one partition of threads. `copy`: the block reads the tables many times, so
+        a store whose tables are files copies them in once (mining.delta_store); here they are DuckDB's
+        own tables already, and a copy was measured slower than the filtered scans."""
         if parts == 1:
             yield
             return

@@ -172,7 +172,7 @@ def turns_partition(task: TurnsTask) -> dict[str | None, int]:
     """The turns of the threads in partition `task.part` (`hash(link_id) % parts`), written to
     `task.out`; returns how many comments got each reason (None: a turn). The same function for
     every engine: the local one calls it on its open store, a Ray task on the store's path."""
-    with Store.reading(task.store) as store, store.partitioned(("comments", "posts"), task.part, task.parts):
+    with Store.reading(task.store) as store, store.partitioned(("comments", "posts"), task.part, task.parts, copy=True):
         store.execute(_CLASSIFY_SQL, _params(task.config))
         try:
             store.execute(f"COPY ({_TURNS_SQL}) TO '{_quoted(task.out)}' (FORMAT parquet, COMPRESSION uncompressed)")

@@ -75,8 +75,11 @@ def ray_cluster():
     ahf.engine.RayEngine uses an already-initialised Ray as it is."""
     import ray  # the scale extra (ray[data]), installed by scripts/setup.sh
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a private instance on loopback: no token to manage
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-             _node_ip_address="127.0.0.1")
+    from ahf.engine import keep_signal_handlers
+
+    with keep_signal_handlers():  # the JVM's SIGSEGV handler stays first (ahf.engine)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+                 _node_ip_address="127.0.0.1")
     try:
         yield ray
     finally:

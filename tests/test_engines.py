@@ -18,6 +18,7 @@ from feedback.export import export_dataset
 from feedback.labels import LabelConfig, label_store
 from index.acts import load_acts_config, tag_acts
 from index.build import build_index
+from index.dense import DenseConfig
 from mining.ingest import ingest
 from mining.store import Store
 from mining.turns import TurnConfig, build_turns
@@ -35,7 +36,10 @@ def _run(engine_name: str, shared_data, out):
     store = out / "store"
     with make_engine(engine_name) as engine:
         report = ingest([shared_data / p for p in INPUTS], store, turn_config=SMALL["turns"], engine=engine)
-        build_index(store)  # the dense side is the index stage's (tests/test_dense_scale.py): one build each
+        if engine_name == "ray":  # BM25 as Lucene shards, one Ray task each: the act tags must not change
+            assert build_index(store, DenseConfig(bm25_shards=3), engine=engine, dense=False)["bm25"]["shards"] == 3
+        # the dense side is the index stage's (tests/test_dense_scale.py): one local build each
+        build_index(store, bm25=engine_name == "local")
         tags = tag_acts(store, SMALL["acts"], engine=engine)
         labels = label_store(store, SMALL["labels"], engine=engine)
         exports = {fmt: export_dataset(store, fmt, out / fmt, config=SMALL["labels"].export, engine=engine)
@@ -136,3 +140,20 @@ def test_cli_json_stays_clean_with_the_ray_engine(runs, capsys):
     assert main(["label", "--store", str(runs["ray"]["store"]), "--engine", "ray", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)  # one JSON object: Ray's logs went elsewhere
     assert result["turns"] == runs["ray"]["labels"].turns
+
+
+def test_a_ray_engine_leaves_the_jvms_signal_handlers_first():
+    """`ray.init` enables Python's faulthandler; started after the JVM (a Lucene index in the same process)
+    it would catch the JVM's own SIGSEGVs (implicit null checks) and abort the process. The engine puts the
+    handlers back; a process of its own, since this session's Ray is already up."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import faulthandler; from ahf.engine import RayEngine; "
+            "assert not faulthandler.is_enabled(); engine = RayEngine(num_cpus=1); "
+            "print('enabled' if faulthandler.is_enabled() else 'kept'); engine.close()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parents[1], env={**__import__("os").environ, "RAY_AUTH_MODE": "disabled"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "kept"

@@ -158,6 +158,63 @@ def test_failed_bm25_build_leaves_the_previous_index(store, monkeypatch):
     searcher.close()
 
 
+def test_bm25_shards_search_as_one_index(store, tmp_path):
+    """Lucene shards (one per partition of threads) opened as one MultiReader give the one index's
+    documents and scores: the corpus statistics are summed over the shards. Every turn is in exactly
+    one shard, the same id lookups work, and a failed shard keeps the previous index live."""
+    from index import bm25
+    from index.manifest import live_dir, read_manifest
+    from mining.store import Store
+
+    store_dir, _ = store
+    root = tmp_path / "sharded"
+    with Store(store_dir, read_only=True) as s:
+        report = bm25.build_bm25(s, root, threads=1, shards=3)
+    entry = read_manifest(root)["bm25"]
+    assert report.shards == len(entry["shards"]) == 3
+    assert sum(shard["docs"] for shard in entry["shards"]) == report.docs == _turns(store_dir).num_rows
+    assert all(shard["docs"] < report.docs for shard in entry["shards"])  # really split
+    one, sharded = bm25.BM25Searcher(store_dir / "index"), bm25.BM25Searcher(root)
+    assert sharded.num_docs == one.num_docs and sharded.shards == 3
+    queries = ["once upon a time", "why does the sky look blue", "explain like I'm five", "reddit"]
+    assert one.search("the") == sharded.search("the") == []  # a stop word alone
+    for query in queries:
+        for fields in (None, {"contents": 1.0, "context": 0.3}):
+            a, b = one.search(query, k=20, fields=fields), sharded.search(query, k=20, fields=fields)
+            assert len(a) == len(b) > 0
+            # same scores (ties may come in another order); one index's multi-field path is pyserini's,
+            # which rounds scores to 4 decimals
+            tolerance = 1e-4 if fields else 1e-6
+            assert [score for _, score in a] == pytest.approx([score for _, score in b], abs=tolerance)
+            last = a[-1][1] + tolerance  # the same documents above the last score
+            assert {d for d, sc in a if sc > last} == {d for d, sc in b if sc > last}
+    hit = one.search("why", k=1)[0][0]
+    assert sharded.raw(hit) == one.raw(hit)  # a hit of this searcher's last search, and a lookup
+    sharded.search("once upon a time", k=1)
+    assert sharded.raw(hit)["id"] == hit
+    assert sharded.batch_search(queries[:2], k=5) == [sharded.search(q, k=5) for q in queries[:2]]
+    with pytest.raises(UserError, match="not in the BM25 index"):
+        sharded.raw("no-such-id")
+    one.close()
+    sharded.close()
+    before = live_dir(root, "bm25")
+    calls = []
+
+    def broken(input_dir, index_dir, threads):
+        calls.append(index_dir)
+        if len(calls) == 2:
+            raise RuntimeError("killed mid-build")
+        bm25.run_indexer.__wrapped__(input_dir, index_dir, threads)
+
+    broken.__wrapped__ = bm25.run_indexer
+    import unittest.mock
+
+    with unittest.mock.patch.object(bm25, "run_indexer", broken), Store(store_dir, read_only=True) as s, \
+            pytest.raises(RuntimeError, match="killed"):
+        bm25.build_bm25(s, root, threads=1, shards=3)
+    assert live_dir(root, "bm25") == before and sorted(p.name for p in root.glob("bm25-*")) == [before.name]
+
+
 # ------------------------------------------------------------------------------------ dense
 
 def test_dense_extends_without_reencoding(store, tmp_path):
