@@ -8,6 +8,7 @@ the demo ends by measuring what the stages recovered of its planted truth (ahf.v
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import time
 from pathlib import Path
@@ -25,15 +26,28 @@ def add_commands(subparsers) -> None:
     p.add_argument("--out", default=DEFAULT_OUT, help=f"working directory (default: {DEFAULT_OUT})")
     p.add_argument("--posts", type=int, default=DEFAULT_POSTS, help="synthetic posts to generate")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the synthetic corpus")
+    p.add_argument("--reaction-scale", type=_positive, default=1.0,
+                   help="replies per comment in the synthetic corpus, relative to the default (10: enough "
+                        "reply sentiment for sentiment pairs, as bench/sentiment_rm.py uses)")
     p.add_argument("--train-steps", type=int, default=DEFAULT_TRAIN_STEPS,
                    help="reward-model steps on the exported pairs (0 skips training)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=run_demo)
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
 def run_demo(args) -> int:
     result = demo(args.out, data=args.data, posts=args.posts, verbose=not args.json, train_steps=args.train_steps,
-                  seed=args.seed)
+                  seed=args.seed, reaction_scale=args.reaction_scale)
     steps = result["steps"]
     summary = [f"demo {'finished' if result['ok'] else 'finished with errors'} in "
                f"{sum(s.get('seconds', 0) for s in steps.values()):.1f} s: store {result['store']}"]
@@ -68,7 +82,7 @@ def _reward_model_summary(steps: dict) -> list[str]:
 
 
 def demo(out_dir: str | Path, data: list[str] | None = None, posts: int = DEFAULT_POSTS, verbose: bool = True,
-         train_steps: int = DEFAULT_TRAIN_STEPS, seed: int = DEFAULT_SEED) -> dict:
+         train_steps: int = DEFAULT_TRAIN_STEPS, seed: int = DEFAULT_SEED, reaction_scale: float = 1.0) -> dict:
     """Run every stage into `out_dir`; the result has each step's report under `steps`, the planted-truth
     figures under `validation` (synthetic corpus only; None under `data`) and, under `report`, the paths a
     report of this run reads (store, exports, models, truth, validation)."""
@@ -96,7 +110,8 @@ def demo(out_dir: str | Path, data: list[str] | None = None, posts: int = DEFAUL
         steps["corpus"] = {"source": "user data", "paths": list(data)}
     else:
         paths = step("generate synthetic corpus", lambda: {
-            k: str(v) for k, v in generate(out / "corpus", SyntheticSpec(posts=posts, seed=seed)).items()})
+            k: str(v) for k, v in generate(out / "corpus", SyntheticSpec(posts=posts, seed=seed,
+                                                                 reaction_scale=reaction_scale)).items()})
         inputs = [paths["posts"], paths["comments"]]
     ingested = step("ingest", lambda: ingest(inputs, store, rebuild=False).to_dict())
     ingested.pop("files", None)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from ahf.cli import main
 
 RC_2005 = "pushshift/RC_2005-12.zst"
@@ -61,6 +63,15 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--posts", "40", "--train-steps", "0", "--json"]) == 0
     again = _json(capsys)["steps"]["stats"]
     assert {**again, "seconds": 0} == {**stats, "seconds": 0}
+    # --reaction-scale reaches the corpus: more replies to comments (58 at scale 1, 117 at 3), the same posts
+    assert main(["demo", "--out", str(tmp_path), "--posts", "40", "--train-steps", "0", "--reaction-scale", "3",
+                 "--json"]) == 0
+    scaled = _json(capsys)["steps"]
+    assert scaled["ingest"]["posts"] == 40
+    assert scaled["label feedback"]["turns_with_replies"] > 1.5 * labels["turns_with_replies"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--reaction-scale", "0"])
+    assert exit_info.value.code == 2 and "--reaction-scale: must be a positive number" in capsys.readouterr().err
 
 
 def test_demo_on_a_real_dump(shared_data, tmp_path, capsys):

@@ -7,7 +7,8 @@ baseline, and whether merged models, or one model trained jointly on both tasks,
 
 `probe`: `method: probe` reward models (training/probe.py) with the variants of PROBE_VARIANTS; stories by
 k-fold cross-validation over prompts (every prompt held out once, the held-out scores pooled into one
-`training.evaluation.pair_metrics` per seed), explanations by the seeded question split below.
+`training.evaluation.pair_metrics` per seed; `--folds 52` or more: leave-one-prompt-out), explanations by
+the seeded question split below. Every probe chooses its own head on its training prompts only (nested).
 
 Task 1, stories: the 374 WritingPrompts pairs (chosen = more upvotes), split by prompt (20 % of prompts held out).
 Task 2, explanations: lfqa validity annotations -> pairs (valid answer > invalid answer), split by question
@@ -90,22 +91,31 @@ FIXED_SETS = ["embedding", "embedding+words", "embedding+interaction", "embeddin
               "words+sentence_words", "sentence_words", "embedding+words+sentence_words"]
 PREVIOUS_DEFAULT = [["embedding", "interaction", "words"]]
 PROBE_VARIANTS: dict[str, dict] = {  # name -> RMConfig overrides of the method=probe defaults
-    "probe": {},  # the shipped defaults: the feature set and L2 chosen on the validation split
+    "probe": {},  # the shipped defaults: feature set, L2 and epoch chosen by inner 5-fold CV over training prompts
+    "single_split": {"probe_selection_folds": 1},  # the previous default: chosen on one 20 % validation split
+    "inner_loo": {"probe_selection_folds": 1000},  # inner leave-one-prompt-out (k = the training prompts)
+    "inner_10": {"probe_selection_folds": 10},
+    "by_loss": {"probe_selection_metric": "loss"},
+    "words+sentence_words_by_loss": {"probe_feature_sets": [["words", "sentence_words"]],
+                                     "probe_selection_metric": "loss"},
     **{name: {"probe_feature_sets": [name.split("+")]} for name in FIXED_SETS},
     "mlp": {"probe_head": "mlp", "probe_feature_sets": PREVIOUS_DEFAULT},
     "chunks_128": {"probe_chunk_tokens": 128, "probe_chunk_stride": 96, "probe_feature_sets": PREVIOUS_DEFAULT},
     "chunks_384": {"probe_chunk_tokens": 384, "probe_chunk_stride": 288, "probe_feature_sets": PREVIOUS_DEFAULT},
     "chunks_510": {"probe_chunk_tokens": 510, "probe_chunk_stride": 384, "probe_feature_sets": PREVIOUS_DEFAULT},
     "chunks_384_default": {"probe_chunk_tokens": 384, "probe_chunk_stride": 288},
-    "no_refit": {"probe_refit": False, "probe_feature_sets": PREVIOUS_DEFAULT},
+    "no_refit": {"probe_refit": False, "probe_selection_folds": 1, "probe_feature_sets": PREVIOUS_DEFAULT},
+    "default_single_split_256": {"probe_selection_folds": 1, "probe_chunk_tokens": 256, "probe_chunk_stride": 192},
 }
 
 
 def prompt_folds(pairs: list[D.Pair], folds: int, seed: int) -> list[tuple[list[D.Pair], list[D.Pair]]]:
-    """k-fold cross-validation by prompt: every prompt is held out exactly once (seeded assignment)."""
+    """k-fold cross-validation by prompt: every prompt is held out exactly once (seeded assignment); `folds` at
+    or past the prompt count is leave-one-prompt-out (one fold per prompt, no assignment noise)."""
     import random
 
     prompts = sorted({p.prompt for p in pairs})
+    folds = min(folds, len(prompts))
     random.Random(seed).shuffle(prompts)
     fold_of = {prompt: i % folds for i, prompt in enumerate(prompts)}
     return [([p for p in pairs if fold_of[p.prompt] != k], [p for p in pairs if fold_of[p.prompt] == k])
@@ -128,6 +138,7 @@ def probe_run(out: Path, task: str, variant: str, seed: int, folds: int, cache: 
     from training.probe import score_with_probe
 
     chosen, rejected, scored, chosen_l2, chosen_features, seconds = [], [], [], [], [], 0.0
+    chosen_epochs, inner = [], []
     for k, (train, held) in enumerate(probe_splits(task, seed, folds)):
         where = out / task / variant / f"seed{seed}_fold{k}"
         D.write_pairs(train, where / "train.jsonl")
@@ -141,6 +152,8 @@ def probe_run(out: Path, task: str, variant: str, seed: int, folds: int, cache: 
         scored += held
         chosen_l2.append(result["probe"]["chosen_l2"])
         chosen_features.append("+".join(result["probe"]["features"]["names"]))
+        chosen_epochs.append(result["probe"]["epochs"])
+        inner.append(result["probe"]["validation_accuracy"])
         seconds += result["train_seconds"]
     m = pair_metrics(chosen, rejected, scored, seed=seed)
     control, regressed = m["length_controlled"], m["length_regressed"]
@@ -151,7 +164,8 @@ def probe_run(out: Path, task: str, variant: str, seed: int, folds: int, cache: 
             "similar_length_ci": _rounded((control["ci"] or {}).get("bootstrap")),
             "length_regressed_accuracy": round(regressed["accuracy"], 3),
             "length_regressed_ci": _rounded(regressed["ci"]["bootstrap"]), "chosen_l2": chosen_l2,
-            "chosen_features": chosen_features,
+            "chosen_features": chosen_features, "chosen_epochs": chosen_epochs, "inner_accuracy": inner,
+            "folds": len(chosen_features),
             "train_seconds": round(seconds, 1)}
 
 
@@ -168,6 +182,8 @@ def run_probe(out: Path, task: str, variants: list[str], seeds: list[int], folds
     """`base`: RMConfig overrides under every variant's own (e.g. the windows)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     report: dict = {"task": task, "folds": folds if task == "stories" else 1, "base": base or {}, "variants": {}}
+    if task == "stories":
+        report["folds"] = len(probe_splits(task, seeds[0], folds))  # --folds past the 52 prompts: one per prompt
     for variant in variants:
         runs = [probe_run(out, task, variant, seed, folds, cache, base) for seed in seeds]
         report["variants"][variant] = {
@@ -202,7 +218,13 @@ def probe_main(argv) -> int:
     for name, v in report["variants"].items():
         print(name, json.dumps(v["mean"]))
         for r in v["runs"]:
-            print("  ", json.dumps({k: r[k] for k in r if k not in ("chosen_l2", "chosen_features", "train_seconds")}))
+            print("  ", json.dumps({k: r[k] for k in r if k not in ("chosen_l2", "chosen_features", "train_seconds",
+                                                                    "chosen_epochs", "inner_accuracy")}))
+            picked: dict[str, int] = {}
+            for name in r["chosen_features"]:
+                picked[name] = picked.get(name, 0) + 1
+            print("     chosen:", json.dumps(picked), "l2:", json.dumps(r["chosen_l2"]),
+                  "seconds:", r["train_seconds"])
     return 0
 
 

@@ -13,11 +13,16 @@ A head then scores r(prompt, reply) from a feature set (`Features`: the reply em
 embedding, log(1 + words), log mean words per sentence), standardised with the training rows' mean and
 spread: linear, or one hidden layer (`probe_head: mlp`). Pairwise: Bradley-Terry loss
 -log σ(r_c - r_r [- margin]); tier: 3-way cross-entropy, reward = expected tier. Full-batch Adam, with
-an L2 penalty on the weights. For every candidate feature set (`probe_feature_sets`) and `probe_l2`
-strength the head trains for up to `probe_max_epochs` epochs with early stopping on the VALIDATION split
-(`probe_validation_fraction` of the training prompts, split by prompt): the best epoch by held-out
-accuracy (ties: lower held-out loss). The candidate with the best validation accuracy wins; with
-`probe_refit` the head is then retrained on training + validation rows for that many epochs.
+an L2 penalty on the weights. Every candidate feature set (`probe_feature_sets`) × `probe_l2` strength is
+scored on held-out prompts of the training data. By default (`probe_selection_folds` = k >= 2) that is an
+inner k-fold cross-validation by prompt over the training prompts (seeded; k at most the prompt count):
+one head per fold, trained in lockstep for up to `probe_max_epochs` epochs, and after every epoch the
+held-out pairs won are pooled over the k folds; the epoch with the best pooled accuracy (ties: lower pooled
+loss) is the candidate's, training stops `probe_patience` epochs after it. The candidate with the best
+pooled accuracy wins and the head is refit on every training row for its epoch count (the epoch of the
+pooled curve's best, one number for all folds, not a median of per-fold bests). `probe_selection_folds`
+0 or 1: one VALIDATION split (`probe_validation_fraction` of the training prompts): the same
+scoring on that one split; with `probe_refit` the head is then retrained on training + validation rows.
 Deterministic for a seed.
 
 On disk (`DIR/`): `model.safetensors` (the head and the feature standardisation) and `ahf_model.json`
@@ -323,7 +328,7 @@ class Fit:
 
 
 def fit_head(train: Rows, validation: Rows | None, hidden: int, l2: float, lr: float, max_epochs: int,
-             patience: int, seed: int) -> Fit:
+             patience: int, seed: int, metric: str = "accuracy") -> Fit:
     """Full-batch Adam on the loss + l2·‖W‖². With `validation`: keep the epoch with the best held-out
     accuracy (ties: lower held-out loss), stop `patience` epochs after it; without: train `max_epochs`."""
     torch.manual_seed(seed)
@@ -340,7 +345,7 @@ def fit_head(train: Rows, validation: Rows | None, hidden: int, l2: float, lr: f
         with torch.no_grad():
             score = (head_accuracy(head, validation), -float(head_loss(head, validation)))
         curve.append(round(score[0], 4))
-        if best is None or score > best[0]:
+        if best is None or _key(score, metric) > _key(best[0], metric):
             best, best_state = (score, epoch), {k: v.clone() for k, v in head.state_dict().items()}
         elif epoch - best[1] >= patience:
             break
@@ -350,25 +355,125 @@ def fit_head(train: Rows, validation: Rows | None, hidden: int, l2: float, lr: f
     return Fit(head, best[1], best[0][0], -best[0][1], curve)
 
 
-# ----------------------------------------------------------------------------- training
+def _key(score: tuple[float, float], metric: str) -> tuple[float, float]:
+    """(accuracy, -loss) ordered by the selection metric: accuracy first (ties: lower loss), or loss first."""
+    return score if metric == "accuracy" else (score[1], score[0])
 
-def choose_head(fit_part: list, validation_part: list, as_rows, config) -> tuple[Fit, Features, list[dict]]:
-    """Every feature set × L2 strength, each with early stopping on the validation rows; the best by
-    validation accuracy (ties: lower validation loss, then the earlier candidate: first set, stronger L2)."""
+
+# ----------------------------------------------------------------------------- choosing the head
+
+@dataclass
+class Selection:
+    """One candidate (feature set × L2) scored on held-out prompts of the training data: the epoch whose
+    accuracy pooled over the held-out folds is best (ties: lower pooled loss), that accuracy and loss, the
+    pooled curve, each fold's accuracy at that epoch, and (one fold only) the head at that epoch."""
+    best_epoch: int
+    validation_accuracy: float
+    validation_loss: float
+    curve: list[float]
+    fold_accuracy: list[float]
+    head: ProbeHead | None = None
+
+
+def _wins_and_loss(head: ProbeHead, rows: Rows) -> tuple[int, int, float]:
+    """(pairs won, pairs, loss) on held-out rows; tier rows without pairs: (rows right, rows, loss)."""
+    with torch.no_grad():
+        if len(rows.chosen) == 0:
+            right = int((head(rows.x).argmax(-1) == rows.tiers).sum()) if rows.tiers is not None else 0
+            return right, max(1, len(rows.x)), float(head_loss(head, rows))
+        reward = head.reward(rows.x)
+        return int((reward[rows.chosen] > reward[rows.rejected]).sum()), len(rows.chosen), float(head_loss(head, rows))
+
+
+def fit_heads_pooled(folds: list[tuple[Rows, Rows]], hidden: int, l2: float, lr: float, max_epochs: int,
+                     patience: int, seed: int, metric: str = "accuracy") -> Selection:
+    """One head per (fit rows, held-out rows) fold, trained in lockstep like `fit_head` (same seed, init and
+    full-batch Adam steps). After every epoch the held-out pairs won are summed over the folds (pooled
+    accuracy = won / pairs; pooled loss = the pair-weighted mean): the epoch with the best pooled accuracy
+    (ties: lower pooled loss) is kept, and training stops `patience` epochs after it. With one fold this is
+    `fit_head` with early stopping, and the head at the best epoch is returned too."""
+    heads, optimizers = [], []
+    for fit_rows, _ in folds:
+        torch.manual_seed(seed)
+        head = ProbeHead(fit_rows.x.shape[1], 3 if fit_rows.tiers is not None else 1, hidden)
+        head.standardise_on(fit_rows.x)
+        heads.append(head)
+        optimizers.append(torch.optim.Adam(head.parameters(), lr=lr))
+    best, best_state, curve = None, None, []
+    for epoch in range(1, max_epochs + 1):
+        for head, optimizer, (fit_rows, _) in zip(heads, optimizers, folds):
+            optimizer.zero_grad()
+            (head_loss(head, fit_rows) + l2 * head.penalty()).backward()
+            optimizer.step()
+        scored = [_wins_and_loss(head, held) for head, (_, held) in zip(heads, folds)]
+        pairs = sum(n for _, n, _ in scored)
+        accuracy = sum(won for won, _, _ in scored) / pairs
+        loss = sum(n * loss for _, n, loss in scored) / pairs
+        if len(folds) == 1:  # exactly fit_head's figures
+            accuracy, loss = head_accuracy(heads[0], folds[0][1]), scored[0][2]
+        score = (accuracy, -loss)
+        curve.append(round(accuracy, 4))
+        if best is None or _key(score, metric) > _key(best[0], metric):
+            best = (score, epoch, [round(won / n, 4) for won, n, _ in scored])
+            if len(folds) == 1:
+                best_state = {k: v.clone() for k, v in heads[0].state_dict().items()}
+        elif epoch - best[1] >= patience:
+            break
+    head = None
+    if best_state is not None:
+        head = heads[0]
+        head.load_state_dict(best_state)
+    return Selection(best[1], best[0][0], -best[0][1], curve, best[2], head)
+
+
+def selection_splits(train: list, config) -> list[tuple[list, list]]:
+    """(fit, held-out) row lists that choose the head, split by prompt (seeded): `probe_selection_folds` >= 2:
+    k-fold cross-validation over the training prompts (every prompt held out once; k is at most the prompt
+    count, so k >= prompts is leave-one-prompt-out); 0 or 1: the one validation split of
+    `probe_validation_fraction`."""
+    import random
+
+    prompts = sorted({r.prompt for r in train})
+    k = min(config.probe_selection_folds, len(prompts))
+    if config.probe_selection_folds <= 1:
+        splits = [D.split_by_prompt(train, config.probe_validation_fraction, config.seed)]
+    elif k >= 2:
+        random.Random(config.seed).shuffle(prompts)
+        fold_of = {prompt: i % k for i, prompt in enumerate(prompts)}
+        splits = [([r for r in train if fold_of[r.prompt] != f], [r for r in train if fold_of[r.prompt] == f])
+                  for f in range(k)]
+    else:
+        splits = [(train, [])]
+    if any(not fit or not held for fit, held in splits):
+        how = f"probe_validation_fraction={config.probe_validation_fraction}" \
+            if config.probe_selection_folds <= 1 else f"probe_selection_folds={config.probe_selection_folds}"
+        raise UserError(f"method=probe needs training prompts on both sides of the validation split ({how}; "
+                        f"{len(prompts)} training prompts)")
+    return splits
+
+
+def choose_head(splits: list[tuple[list, list]], as_rows, config) -> tuple[Selection, Features, list[dict]]:
+    """Every feature set × L2 strength, scored on the held-out side of every split (`fit_heads_pooled`); the
+    best by pooled held-out accuracy (ties: lower pooled loss, then the earlier candidate: first set, stronger
+    L2). The table has one row per candidate (with several folds: each fold's accuracy at the chosen epoch)."""
     candidates, table = [], []
     for names in config.probe_feature_sets:
         features = Features(tuple(names))
-        fit_rows, validation = as_rows(fit_part, features), as_rows(validation_part, features)
+        folds = [(as_rows(fit, features), as_rows(held, features)) for fit, held in splits]
         for l2 in sorted(config.probe_l2, reverse=True):
-            fit = fit_head(fit_rows, validation, hidden_units(config), l2, config.probe_lr, config.probe_max_epochs,
-                           config.probe_patience, config.seed)
+            fit = fit_heads_pooled(folds, hidden_units(config), l2, config.probe_lr, config.probe_max_epochs,
+                                   config.probe_patience, config.seed, config.probe_selection_metric)
             candidates.append((fit, features, len(table)))
             table.append({"features": list(features.names), "l2": l2, "best_epoch": fit.best_epoch,
                           "validation_accuracy": round(fit.validation_accuracy, 4),
-                          "validation_loss": round(fit.validation_loss, 4), "curve": fit.curve})
-    best, features, index = max(candidates, key=lambda c: (c[0].validation_accuracy, -c[0].validation_loss, -c[2]))
+                          "validation_loss": round(fit.validation_loss, 4), "curve": fit.curve}
+                         | ({"fold_accuracy": fit.fold_accuracy} if len(splits) > 1 else {}))
+    best, features, index = max(candidates, key=lambda c: (*_key((c[0].validation_accuracy, -c[0].validation_loss),
+                                                                 config.probe_selection_metric), -c[2]))
     return best, features, [dict(row, chosen=i == index) for i, row in enumerate(table)]
 
+
+# ----------------------------------------------------------------------------- training
 
 def train_probe(config, data_path, out_dir, progress=None, log=None) -> dict:
     """`ahf train rm` with method=probe (see the module docstring). `log` is unused: there is no step loop."""
@@ -376,15 +481,16 @@ def train_probe(config, data_path, out_dir, progress=None, log=None) -> dict:
         raise UserError("method=probe trains on one DATA; joint multi-task training (--task) is method=finetune only")
     started = time.perf_counter()
     c, out_dir = config, Path(out_dir)
+    cross_validated = c.probe_selection_folds > 1
+    if cross_validated and not c.probe_refit:
+        raise UserError("probe_refit=false keeps the head trained on the validation split: it needs "
+                        f"probe_selection_folds 0 or 1 (got {c.probe_selection_folds}; inner cross-validation "
+                        "trains one head per fold and always refits)")
     pairwise = c.objective == "pairwise"
     load = D.load_pairs if pairwise else D.load_pointwise
     source = D.read_source(data_path, load, c.detokenize, ("pairs",) if pairwise else ("pointwise",))
     train, held, how = D.held_out(source, c.eval_pairs, load, c.detokenize, c.eval_fraction, c.seed)
-    fit_part, validation_part = D.split_by_prompt(train, c.probe_validation_fraction, c.seed)
-    if not fit_part or not validation_part:
-        raise UserError(f"{data_path}: method=probe needs training prompts on both sides of the validation split "
-                        f"(probe_validation_fraction={c.probe_validation_fraction}; "
-                        f"{len({r.prompt for r in train})} training prompts)")
+    splits = selection_splits(train, c)
     encoder, chunking = FrozenEncoder(c.probe_encoder), Chunking(c.probe_chunk_tokens, c.probe_chunk_stride)
     encoder.check(chunking)
     cache = embedding_cache(c.probe_cache_dir or DEFAULT_CACHE, encoder, chunking)
@@ -392,22 +498,25 @@ def train_probe(config, data_path, out_dir, progress=None, log=None) -> dict:
     encoded_at = time.perf_counter()
     as_rows = (lambda rows, features: pair_rows(rows, embeddings, features, c.use_margin)) if pairwise else \
         (lambda rows, features: tier_rows(rows, embeddings, features))
-    best, features, table = choose_head(fit_part, validation_part, as_rows, c)
+    best, features, table = choose_head(splits, as_rows, c)
     if progress:
         progress(1)
     head = best.head
     if c.probe_refit:  # the chosen strength and epoch count, on every training row
         head = fit_head(as_rows(train, features), None, hidden_units(c), _chosen_l2(table), c.probe_lr,
                         best.best_epoch, 0, c.seed).head
+    validating = [r for _, part in splits for r in part]
     probe = {"encoder": encoder.name, "encoder_key": encoder.key, "chunking": {"tokens": chunking.size,
              "stride": chunking.stride}, "features": {"names": list(features.names),
              "dim": int(head.mean.shape[0])}, "head": c.probe_head,
              "hidden": hidden_units(c), "chosen_l2": _chosen_l2(table), "epochs": best.best_epoch,
-             "validation_accuracy": round(best.validation_accuracy, 4), "refit": c.probe_refit, "validation": table}
+             "validation_accuracy": round(best.validation_accuracy, 4), "refit": c.probe_refit,
+             **({"selection_folds": len(splits), "fold_accuracy": best.fold_accuracy} if cross_validated else {}),
+             "validation": table}
     result = {"out_dir": str(out_dir), "method": "probe", "steps": best.best_epoch, **row_counts(train, held),
-              "eval_source": how, "validation_rows": len(validation_part),
-              "validation_prompts": len({r.prompt for r in validation_part}),
-              "train_used": len(train) if c.probe_refit else len(fit_part), "embedding": embedding_stats,
+              "eval_source": how, "validation_rows": len(validating),
+              "validation_prompts": len({r.prompt for r in validating}),
+              "train_used": len(train) if c.probe_refit else len(splits[0][0]), "embedding": embedding_stats,
               "tokens": tokens_of(embedding_stats),
               "encode_seconds": round(encoded_at - started, 2), "probe": probe}
     save_probe(out_dir, head, {"train_config": c.model_dump(), "data": source.data | {"eval": how}, "probe": probe,

@@ -96,7 +96,7 @@ class RMConfig(TrainCommon):
     probe_feature_sets: list[list[Literal["embedding", "interaction", "words", "sentence_words"]]] = Field(
         [["embedding", "interaction", "words"], ["embedding", "words"], ["words", "sentence_words"],
          ["embedding", "words", "sentence_words"]], min_length=1,
-        description="method=probe: candidate feature sets, the best on the validation split is kept: embedding "
+        description="method=probe: candidate feature sets, the best on held-out training prompts is kept: embedding "
                     "(the reply's), interaction (reply ⊙ prompt embedding), words (log(1 + words)), sentence_words "
                     "(log mean words per sentence)")
     probe_head: Literal["linear", "mlp"] = Field("linear", description="method=probe: linear head | one hidden "
@@ -104,16 +104,25 @@ class RMConfig(TrainCommon):
     probe_hidden: int = Field(64, ge=1, description="method=probe, probe_head=mlp: hidden units")
     probe_l2: list[float] = Field([1.0, 0.1, 0.01, 0.001], min_length=1,
                                   description="method=probe: L2 strengths tried with every feature set (the "
-                                              "candidates); the best on validation accuracy is kept")
+                                              "candidates); the best on held-out accuracy is kept")
     probe_lr: float = Field(0.01, gt=0, description="method=probe: Adam learning rate (full batch)")
     probe_max_epochs: int = Field(300, ge=1, description="method=probe: most full-batch epochs per candidate")
     probe_patience: int = Field(50, ge=1, description="method=probe: stop this many epochs after the validation "
                                                       "best")
+    probe_selection_folds: int = Field(
+        5, ge=0, description="method=probe: inner k-fold cross-validation by prompt over the training prompts "
+                             "chooses the feature set, L2 strength and epoch (accuracy pooled over the folds), then "
+                             "the head is refit on every training row; 0 or 1: one validation split of "
+                             "probe_validation_fraction")
+    probe_selection_metric: Literal["accuracy", "loss"] = Field(
+        "accuracy", description="method=probe: what picks the epoch and the candidate on held-out prompts: "
+                                "accuracy (ties: lower loss) | loss (the Bradley-Terry / cross-entropy loss)")
     probe_validation_fraction: float = Field(
-        0.2, gt=0, lt=1, description="method=probe: share of the training prompts (split by prompt) that choose "
-                                     "the feature set, L2 strength and epoch")
-    probe_refit: bool = Field(True, description="method=probe: retrain on training + validation rows with the chosen "
-                                                "candidate and epoch count")
+        0.2, gt=0, lt=1, description="method=probe, probe_selection_folds 0 or 1: share of the training prompts "
+                                     "(split by prompt) that choose the feature set, L2 strength and epoch")
+    probe_refit: bool = Field(True, description="method=probe, probe_selection_folds 0 or 1: retrain on training + "
+                                                "validation rows with the chosen candidate and epoch count (inner "
+                                                "cross-validation always refits)")
     probe_cache_dir: str | None = Field(
         None, description="method=probe: embedding cache (the dense index's, one per encoder and chunking); None: "
                           "~/.cache/ahf/embeddings")
