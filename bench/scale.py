@@ -156,11 +156,30 @@ def run_config(name: str, work: Path, inputs: list[Path], per_partition: int) ->
     return result
 
 
+def median_run(results: list[dict]) -> dict:
+    """Each number of one configuration's results, the median over the rounds; `rounds` keeps them all."""
+    import statistics
+
+    def med(values):
+        if isinstance(values[0], dict):
+            return {k: med([v[k] for v in values]) for k in values[0]}
+        if isinstance(values[0], (int, float)):
+            return round(statistics.median(values), 2) if isinstance(values[0], float) else statistics.median(values)
+        return values[0]
+
+    merged = med(results)
+    for stage in STAGES:
+        merged[stage]["per_s"] = round(merged[stage]["items"] / merged[stage]["s"])
+    return merged | ({"rounds": results} if len(results) > 1 else {})
+
+
 def to_markdown(result: dict) -> str:
     runs = result["runs"]
     lines = ["# Local engine and Ray (`bench/scale.py`)", "", f"`{result['command']}`, {result['date']}, "
              f"{result['machine']}. Input: {result['comments']:,} comments in {result['files']} zstd files "
-             f"(bench/ingest.py's); partitions of {result['per_partition']:,}.", "",
+             f"(bench/ingest.py's); partitions of {result['per_partition']:,}"
+             + (f"; medians of {result['repeat']} rounds, the configurations taking turns" if result.get("repeat", 1) > 1 else "")
+             + ".", "",
              "| | " + " | ".join(runs) + " |", "|---|" + "---:|" * len(runs)]
     for stage in STAGES:
         lines.append(f"| {stage} ({'records' if stage == 'ingest' else 'comments' if stage == 'turns' else 'turns'}/s) | "
@@ -189,6 +208,7 @@ def main(argv=None) -> int:
                         help="only local on the DuckDB file and local on Delta (the store formats compared)")
     parser.add_argument("--only", nargs="+", choices=list(CONFIGS) + list(DELTA_CONFIGS), metavar="CONFIG",
                         help=f"run only these configurations (of: {', '.join(list(CONFIGS) + list(DELTA_CONFIGS))})")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of every configuration; figures are medians")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -200,7 +220,10 @@ def main(argv=None) -> int:
     per_partition = max(1, args.comments // 4)
     names = args.only or (["local", "local, delta"] if args.only_delta_pair else
                           list(CONFIGS) + (list(DELTA_CONFIGS) if args.delta else []))
-    runs = {name: run_config(name, work, inputs, per_partition) for name in names}
+    # --repeat: the configurations take turns, and each figure is the median over the rounds (single
+    # runs of the same configuration varied by up to 15 % on this VM)
+    rounds = [{name: run_config(name, work, inputs, per_partition) for name in names} for _ in range(args.repeat)]
+    runs = {name: median_run([r[name] for r in rounds]) for name in names}
     ratios = {}
     for a, b in (("ray, 2 workers", "local"), ("ray, 2 workers", "ray, 1 worker"),
                  ("ray, 2 workers", "ray, 1 worker, 1 core"), ("local, delta", "local"),
@@ -214,7 +237,8 @@ def main(argv=None) -> int:
                            for stage in STAGES}
     result = {"command": "python bench/scale.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-              "comments": args.comments, "files": args.files, "per_partition": per_partition, "runs": runs,
+              "comments": args.comments, "files": args.files, "per_partition": per_partition, "repeat": args.repeat,
+              "runs": runs,
               "ratios": ratios}
     if args.doc:
         Path(args.doc).write_text(to_markdown(result))
