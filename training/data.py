@@ -333,13 +333,16 @@ def split_by_prompt(examples: list, eval_fraction: float, seed: int = 0) -> tupl
 @dataclass
 class FilterReport:
     """What length filtering did: `kept` rows, and per-reason counts of dropped / truncated ones; where a
-    LengthPolicy counted them, the reply tokens the model sees of the kept rows against their whole length."""
+    LengthPolicy counted them, the reply tokens the model sees of the kept rows against their whole length;
+    under reply windows (training.rm, long_replies), the replies split into windows and how many windows."""
     total: int = 0
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     truncated: Counter = field(default_factory=Counter)
     reply_tokens_seen: int = 0
     reply_tokens_whole: int = 0
+    sides_split: int = 0  # long_replies=windows (training.rm): replies scored as several windows
+    windows: int = 0  # ... and their windows, all together
 
     def to_dict(self) -> dict:
         counts = {"total": self.total, "kept": self.kept, "dropped": dict(self.dropped),
@@ -347,7 +350,20 @@ class FilterReport:
         if self.reply_tokens_whole:
             counts["reply_tokens"] = {"seen": self.reply_tokens_seen, "whole": self.reply_tokens_whole,
                                       "share_seen": round(self.reply_tokens_seen / self.reply_tokens_whole, 4)}
+        if self.sides_split:
+            counts["windows"] = {"sides_split": self.sides_split, "windows": self.windows}
         return counts
+
+    def add(self, other: FilterReport) -> None:
+        """Count `other`'s rows in this report too (one report over several encodings)."""
+        self.total += other.total
+        self.kept += other.kept
+        self.dropped.update(other.dropped)
+        self.truncated.update(other.truncated)
+        self.reply_tokens_seen += other.reply_tokens_seen
+        self.reply_tokens_whole += other.reply_tokens_whole
+        self.sides_split += other.sides_split
+        self.windows += other.windows
 
 
 def tier_pairs(points: list[PointExample]) -> list[Pair]:

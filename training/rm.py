@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import random
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -41,6 +42,7 @@ from training.models import (
     RewardModel,
     attention_implementation,
     build_backbone,
+    is_causal,
     load_tokenizer,
     position_limit,
     read_card,
@@ -57,7 +59,17 @@ class RMConfig(TrainCommon):
     max_prompt_length: int = Field(128, description="prompt tokens kept when a row is truncated (at most half "
                                                     "of max_length; the prompt's last token is kept)")
     overlong: Literal["truncate", "drop"] = Field(
-        "truncate", description="rows over max_length: truncate (prompt, then reply tail) or drop; both counted")
+        "truncate", description="rows over max_length: truncate (prompt, then reply tail; or reply windows, see "
+                                "long_replies) or drop; both counted")
+    long_replies: Literal["auto", "truncate", "windows"] = Field(
+        "auto", description="a reply past max_length (overlong=truncate): windows (the prompt, then overlapping "
+                            "reply windows covering every reply token; the reply's reward is the mean of its "
+                            "windows', in training and scoring; padded batches only) | truncate (the reply's "
+                            "tail is cut) | auto (windows for encoder backbones, truncate for causal ones); "
+                            "objective=tier always truncates")
+    window_stride: int | None = Field(
+        None, ge=1, description="long_replies=windows: reply tokens between window starts (capped at the window, "
+                                "so no token is skipped); None: 3/4 of the window (the room the prompt leaves)")
     eval_pairs: str | dict[str, str] | None = Field(
         None, description="held-out file in the training data's format instead of the validation split or a "
                           "held-out share ({task: file} when training jointly)")
@@ -130,22 +142,93 @@ class RMConfig(TrainCommon):
 
 # ----------------------------------------------------------------------------- encoding
 
-def encode_pairs(pairs: list[D.Pair], tokenizer, policy: LengthPolicy) -> tuple[list[dict], D.FilterReport]:
+def resolve_long_replies(long_replies: str, model: RewardModel) -> str:
+    """`auto`: reply windows for an encoder backbone, truncation for a causal one (it keeps its max_length
+    and reports the cut). A tier head (objective=tier) always truncates."""
+    if model.head_kind != "pairwise":
+        if long_replies == "windows":
+            raise UserError("long_replies=windows scores pairs (objective=pairwise); objective=tier truncates: "
+                            "set long_replies=auto or truncate")
+        return "truncate"
+    if long_replies == "auto":
+        return "truncate" if is_causal(model.backbone.config) else "windows"
+    return long_replies
+
+
+@dataclass
+class ReplyWindows:
+    """long_replies=windows: a side (prompt + reply) over max_length becomes several sequences, the prompt
+    (truncated to max_prompt_length as LengthPolicy does) followed by one window of the reply each. The
+    window is the room the prompt leaves; each one is a slice of the reply's body followed by the reply's end
+    token, a new one every `stride` body tokens (default 3/4 of the window), the last one ending at the body's
+    end: every reply token is in a window. A side that fits stays one sequence, exactly as under truncation."""
+    stride: int | None = None
+
+    def spans(self, n: int, size: int) -> list[tuple[int, int]]:
+        """[start, end) windows of `size` covering 0..n (training.probe.Chunking's arithmetic)."""
+        stride = min(self.stride or max(1, size * 3 // 4), size)
+        spans = [(0, min(size, n))]
+        while spans[-1][1] < n:
+            start = spans[-1][0] + stride
+            spans.append((start, min(start + size, n)))
+        return spans
+
+    def fit(self, policy: LengthPolicy, prompt: list[int], replies: list[list[int]],
+            report: D.FilterReport) -> tuple[list[int], list[list[list[int]]]] | None:
+        """(prompt, each reply's windows) or None (dropped); counted in `report` like LengthPolicy.fit, with
+        every reply token seen."""
+        scratch = D.FilterReport()  # the policy's prompt handling and drop rules; its reply cuts are undone
+        fitted = policy.fit(prompt, replies, scratch)
+        report.total += 1
+        if scratch.truncated["prompt"]:
+            report.truncated["prompt"] += 1
+        if fitted is None:
+            report.dropped.update(scratch.dropped)
+            return None
+        prompt = fitted[0]
+        room = policy.max_length - len(prompt)
+        windows = []
+        for reply in replies:
+            if len(reply) <= room:
+                windows.append([reply])
+                continue
+            body, end = reply[:-1], reply[-1:]
+            windows.append([body[start:stop] + end for start, stop in self.spans(len(body), room - 1)])
+            report.sides_split += 1
+            report.windows += len(windows[-1])
+        report.kept += 1
+        report.reply_tokens_whole += sum(len(r) for r in replies)
+        report.reply_tokens_seen += sum(len(r) for r in replies)
+        return prompt, windows
+
+
+def _fit(policy: LengthPolicy, windows: ReplyWindows | None, prompt: list[int], replies: list[list[int]],
+         report: D.FilterReport) -> tuple[list[int], list[list[list[int]]]] | None:
+    if windows is not None:
+        return windows.fit(policy, prompt, replies, report)
+    fitted = policy.fit(prompt, replies, report)
+    return None if fitted is None else (fitted[0], [[reply] for reply in fitted[1]])
+
+
+def encode_pairs(pairs: list[D.Pair], tokenizer, policy: LengthPolicy,
+                 windows: ReplyWindows | None = None) -> tuple[list[dict], D.FilterReport]:
+    """Token ids per pair. With `windows`, a reply over max_length is kept whole as several sequences:
+    `chosen_rows` / `rejected_rows` (prompt + window each; `chosen` / `rejected` then hold the first window)."""
     report = D.FilterReport()
     encoded = []
     for pair in pairs:
         prompt = encode_prompt(tokenizer, pair.prompt)
         chosen, rejected = encode_reply(tokenizer, pair.chosen), encode_reply(tokenizer, pair.rejected)
         if pair.rejected_prompt is None:
-            fitted = policy.fit(prompt, [chosen, rejected], report)
+            fitted = _fit(policy, windows, prompt, [chosen, rejected], report)
             if fitted is None:
                 continue
             prompt, (chosen, rejected) = fitted
             rejected_prompt = prompt
         else:  # the two replies answer different prompts: fit each on its own, count the pair once
             side = D.FilterReport()
-            first = policy.fit(prompt, [chosen], side)
-            second = policy.fit(encode_prompt(tokenizer, pair.rejected_prompt), [rejected], side)
+            first = _fit(policy, windows, prompt, [chosen], side)
+            second = _fit(policy, windows, encode_prompt(tokenizer, pair.rejected_prompt), [rejected], side)
             report.total += 1
             report.truncated.update(side.truncated)
             if first is None or second is None:
@@ -154,9 +237,15 @@ def encode_pairs(pairs: list[D.Pair], tokenizer, policy: LengthPolicy) -> tuple[
             report.kept += 1
             report.reply_tokens_seen += side.reply_tokens_seen
             report.reply_tokens_whole += side.reply_tokens_whole
+            report.sides_split += side.sides_split
+            report.windows += side.windows
             (prompt, (chosen,)), (rejected_prompt, (rejected,)) = first, second
-        encoded.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "rejected_prompt": rejected_prompt,
-                        "margin": pair.margin or 0.0, "pair": pair})
+        row = {"prompt": prompt, "chosen": chosen[0], "rejected": rejected[0], "rejected_prompt": rejected_prompt,
+               "margin": pair.margin or 0.0, "pair": pair}
+        for key, start, parts in (("chosen", prompt, chosen), ("rejected", rejected_prompt, rejected)):
+            if len(parts) > 1:
+                row[f"{key}_rows"] = [start + part for part in parts]
+        encoded.append(row)
     return encoded, report
 
 
@@ -190,12 +279,22 @@ def pair_batches(encoded: list[dict], packing: str, micro_batch_size: int, pack_
     if packing == "none":
         for members in shuffled_chunks(len(encoded), micro_batch_size, shuffle):
             chunk = [encoded[i] for i in members]
-            rows = [e["prompt"] + e["chosen"] for e in chunk] + [e["rejected_prompt"] + e["rejected"] for e in chunk]
+            rows, sides = [], []  # a reply in windows: one row per window, each with its side's index
+            for first, (key, prompt) in enumerate((("chosen", "prompt"), ("rejected", "rejected_prompt"))):
+                for k, e in enumerate(chunk):
+                    seqs = e.get(f"{key}_rows") or [e[prompt] + e[key]]
+                    rows += seqs
+                    sides += [first * len(chunk) + k] * len(seqs)
             batch = pad_rows(rows, pad_id)
+            if len(rows) > 2 * len(chunk):
+                batch.extras["sides"] = torch.tensor(sides)
             batch.extras["pairs"] = members
             batch.extras["tasks"] = torch.tensor([e.get("task", 0) for e in chunk])
             batches.append((batch, torch.tensor([e["margin"] for e in chunk])))
         return batches
+    if any("chosen_rows" in e or "rejected_rows" in e for e in encoded):
+        raise UserError(f"packing={packing} cannot carry reply windows (long_replies=windows): set packing=none, "
+                        "or long_replies=truncate")
     shared = packing == "shared_prompt"
     if shared and any(e["rejected_prompt"] is not e["prompt"] for e in encoded):
         raise UserError("packing=shared_prompt needs chosen and rejected to share their prompt "
@@ -227,6 +326,19 @@ def pair_batches(encoded: list[dict], packing: str, micro_batch_size: int, pack_
     return batches
 
 
+def pool_windows(scores: torch.Tensor, batch) -> torch.Tensor:
+    """One score per side: the mean over its windows' rows (`batch.extras["sides"]`; gradients reach every
+    window). A batch without windows comes back as it is."""
+    sides = batch.extras.get("sides")
+    if sides is None:
+        return scores
+    sides = sides.to(scores.device)
+    n = int(sides.max()) + 1
+    total = scores.new_zeros((n, *scores.shape[1:])).index_add(0, sides, scores)
+    count = torch.bincount(sides, minlength=n).to(scores.dtype)
+    return total / count.view(-1, *([1] * (scores.dim() - 1)))
+
+
 def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
     diff = chosen - rejected
     if margin is not None:
@@ -240,21 +352,28 @@ def task_inputs(model: RewardModel, batch, device) -> dict:
     """Model inputs; a per-task-head model also gets each scored row's task (chosen rows, then rejected)."""
     inputs = batch.model_inputs(device)
     if model.task_conditioning == "task_head":
-        inputs["task_ids"] = batch.extras["tasks"].repeat(2).to(device)
+        tasks = batch.extras["tasks"].repeat(2)
+        if "sides" in batch.extras:  # one row per reply window
+            tasks = tasks[batch.extras["sides"]]
+        inputs["task_ids"] = tasks.to(device)
     return inputs
 
 
 @torch.no_grad()
 def score_pairs(model: RewardModel, tokenizer, pairs: list[D.Pair], max_length: int, max_prompt_length: int = 128,
-                batch_size: int = 16, task: str | None = None) -> tuple[torch.Tensor, torch.Tensor, D.FilterReport]:
-    """Scalar rewards for chosen and rejected (padded batches; pairs too long are truncated and counted).
+                batch_size: int = 16, task: str | None = None, long_replies: str = "auto",
+                window_stride: int | None = None) -> tuple[torch.Tensor, torch.Tensor, D.FilterReport]:
+    """Scalar rewards for chosen and rejected (padded batches; a reply too long is scored as the mean of its
+    windows or truncated, per `long_replies` (RMConfig), and counted).
     A joint multi-task model needs `task` (one of its recorded tasks); a single-task model refuses one."""
     model.eval()
     device = next(model.parameters()).device
     task_index = model.task_index(task)
     if model.task_marker:
         pairs = M.with_task_marker(pairs, task, model.task_marker)
-    encoded, report = encode_pairs(pairs, tokenizer, LengthPolicy(max_length, max_prompt_length, "truncate"))
+    windows = ReplyWindows(window_stride) if resolve_long_replies(long_replies, model) == "windows" else None
+    encoded, report = encode_pairs(pairs, tokenizer, LengthPolicy(max_length, max_prompt_length, "truncate"),
+                                   windows)
     for e in encoded:
         e["task"] = task_index or 0
     chosen, rejected = [], []
@@ -262,6 +381,7 @@ def score_pairs(model: RewardModel, tokenizer, pairs: list[D.Pair], max_length: 
     for batch, _ in pair_batches(encoded, "none", batch_size, 0, tokenizer.pad_token_id, None):
         with autocast:
             scores = RewardModel.score_from_logits(model(**task_inputs(model, batch, device)).float())
+        scores = pool_windows(scores, batch)
         half = scores.shape[0] // 2
         chosen.append(scores[:half].cpu())
         rejected.append(scores[half:].cpu())
@@ -270,9 +390,12 @@ def score_pairs(model: RewardModel, tokenizer, pairs: list[D.Pair], max_length: 
 
 
 def evaluate_pairs(model: RewardModel, tokenizer, pairs: list[D.Pair], max_length: int,
-                   max_prompt_length: int = 128, batch_size: int = 16, task: str | None = None) -> dict:
-    """The model's rewards on `pairs`, evaluated by training.evaluation.pair_metrics, and the truncation."""
-    chosen, rejected, report = score_pairs(model, tokenizer, pairs, max_length, max_prompt_length, batch_size, task)
+                   max_prompt_length: int = 128, batch_size: int = 16, task: str | None = None,
+                   long_replies: str = "auto", window_stride: int | None = None) -> dict:
+    """The model's rewards on `pairs`, evaluated by training.evaluation.pair_metrics, and the truncation
+    (with reply windows: every reply token seen, and the windows counted)."""
+    chosen, rejected, report = score_pairs(model, tokenizer, pairs, max_length, max_prompt_length, batch_size, task,
+                                           long_replies, window_stride)
     return {**pair_metrics(chosen.tolist(), rejected.tolist(), pairs), "truncation": report.to_dict()}
 
 
@@ -329,10 +452,11 @@ def _score_network(model_dir, card: dict, pairs_path, detok: bool, max_length: i
     asked = max_length or trained_with.get("max_length") or 512
     positions = position_limit(model.backbone)
     length = min(asked, positions or asked)
+    long_replies = resolve_long_replies(trained_with.get("long_replies", "auto"), model)
     chosen, rejected, report = score_pairs(model, tokenizer, pairs, length, trained_with.get("max_prompt_length", 128),
-                                           batch_size, task)
+                                           batch_size, task, long_replies, trained_with.get("window_stride"))
     clamped = {"max_length_clamped": {"asked": asked, "positions": positions}} if length < asked else {}
-    return chosen.tolist(), rejected.tolist(), pairs, {"max_length": length, **clamped,
+    return chosen.tolist(), rejected.tolist(), pairs, {"max_length": length, **clamped, "long_replies": long_replies,
                                                        "truncation": report.to_dict()}
 
 
@@ -374,6 +498,8 @@ class RMTrainer(Trainer):
             self.facts["lora"] = add_lora(self.model.backbone, config.lora_rank, config.lora_alpha,
                                           config.lora_dropout, config.lora_target_modules)
         self.length = LengthPolicy(config.max_length, config.max_prompt_length, config.overlong)
+        self.long_replies = self.facts["long_replies"] = resolve_long_replies(config.long_replies, self.model)
+        self.windows = ReplyWindows(config.window_stride) if self.long_replies == "windows" else None
         self._encode(train)
         if not self.encoded:
             raise UserError(f"{data_path}: no training rows left after length filtering {self.facts['length_filter']}")
@@ -406,15 +532,25 @@ class RMTrainer(Trainer):
     def _encode(self, train: list | dict) -> None:
         if self.tasks:
             by_task = self.facts["by_task"]
-            self.encoded, filtering = _encode_tasks(train, self.model, self.tokenizer, self.length, by_task)
+            self.encoded, filtering = _encode_tasks(train, self.model, self.tokenizer, self.length, by_task,
+                                                    self.windows)
         elif self.config.objective == "pairwise":
-            self.encoded, filtering = encode_pairs(train, self.tokenizer, self.length)
+            self.encoded, filtering = encode_pairs(train, self.tokenizer, self.length, self.windows)
         else:
             self.encoded, filtering = encode_points(train, self.tokenizer, self.length)
         self.facts |= {"train_used": len(self.encoded), "length_filter": filtering.to_dict()}
 
     def _packing(self) -> str:
         if self.config.objective != "pairwise":
+            packing = "none"
+        elif self.windows is not None:  # reply windows travel in padded batches only
+            if self.config.packing in ("varlen", "shared_prompt"):
+                raise UserError(f"packing={self.config.packing} cannot carry reply windows "
+                                f"(long_replies={self.config.long_replies} gives windows on this backbone): set "
+                                "packing=none or auto, or long_replies=truncate")
+            if self.config.attention == "block_sparse":
+                raise UserError("attention=block_sparse is for packed rows, and reply windows "
+                                "(long_replies=windows) are padded: set attention=sdpa or long_replies=truncate")
             packing = "none"
         else:
             packing = resolve_packing(self.config.packing, self.model)
@@ -445,6 +581,7 @@ class RMTrainer(Trainer):
             tiers = targets.to(self.device)
             loss = F.cross_entropy(logits, tiers)
             return loss, _tier_stats(loss, logits, tiers)
+        logits = pool_windows(logits, inputs)  # a reply in windows: the mean of its windows' rewards
         half = logits.shape[0] // 2
         chosen, rejected = logits[:half], logits[half:]
         loss = bt_loss(chosen, rejected, targets if self.config.use_margin else None)
@@ -476,7 +613,8 @@ class RMTrainer(Trainer):
         final = RewardModel.load(self.out_dir, attn_implementation="sdpa").to(self.device)
         c = self.config
         score = functools.partial(evaluate_pairs, final, self.tokenizer, max_length=c.max_length,
-                                  max_prompt_length=c.max_prompt_length, batch_size=c.eval_batch_size)
+                                  max_prompt_length=c.max_prompt_length, batch_size=c.eval_batch_size,
+                                  long_replies=self.long_replies, window_stride=c.window_stride)
         if self.tasks:
             return {"eval_by_task": {name: score(held, task=name) for name, held in self.eval_by_task.items() if held}}
         result = {}
@@ -518,23 +656,18 @@ def _check_multitask(config: RMConfig, data_path) -> dict | None:
 
 
 def _encode_tasks(train_by_task: dict[str, list[D.Pair]], model: RewardModel, tokenizer, policy: LengthPolicy,
-                  by_task: dict[str, dict]) -> tuple[list[dict], D.FilterReport]:
+                  by_task: dict[str, dict], windows: ReplyWindows | None = None) -> tuple[list[dict], D.FilterReport]:
     """Encode each task's pairs with its conditioning; every encoded pair carries its task index."""
     encoded, total = [], D.FilterReport()
     for index, (name, pairs) in enumerate(train_by_task.items()):
         if model.task_marker:
             pairs = M.with_task_marker(pairs, name, model.task_marker)
-        rows, report = encode_pairs(pairs, tokenizer, policy)
+        rows, report = encode_pairs(pairs, tokenizer, policy, windows)
         for row in rows:
             row["task"] = index
         encoded += rows
         by_task[name] |= {"train_used": len(rows), "length_filter": report.to_dict()}
-        total.total += report.total
-        total.kept += report.kept
-        total.dropped.update(report.dropped)
-        total.truncated.update(report.truncated)
-        total.reply_tokens_seen += report.reply_tokens_seen
-        total.reply_tokens_whole += report.reply_tokens_whole
+        total.add(report)
     return encoded, total
 
 

@@ -140,9 +140,13 @@ def run_serve(args) -> int:
     url = url_of(sock)
     emit({"url": url, "store": str(args.store), "public": args.public}, args.json,
          f"serving {args.store} at {url} (read-only; Ctrl-C stops)")
+    server = _server(app)
     try:
-        _server(app).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         app.close()
         sock.close()
-    return 0
+    # Stopped by a signal (Ctrl-C, SIGTERM): uvicorn re-raises it after its graceful shutdown, which the CLI
+    # turns into exit 130; that re-raise can land after the event loop's last step and be lost (once in a
+    # CI run: exit 0), so the code does not depend on it
+    return 130 if server.should_exit else 0
