@@ -29,13 +29,20 @@ def has_bert_specials(tokenizer) -> bool:
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """The prefix every reply continues: `[CLS] prompt [SEP]` for encoders, `prompt\\n\\n` for causal LMs."""
     if has_bert_specials(tokenizer):
-        return [tokenizer.cls_token_id] + tokenizer.encode(prompt, add_special_tokens=False) + [tokenizer.sep_token_id]
-    return tokenizer.encode(prompt + PROMPT_SEPARATOR, add_special_tokens=False)
+        return [tokenizer.cls_token_id] + _ids(tokenizer, prompt) + [tokenizer.sep_token_id]
+    return _ids(tokenizer, prompt + PROMPT_SEPARATOR)
 
 
 def encode_reply(tokenizer, reply: str) -> list[int]:
     end = tokenizer.sep_token_id if has_bert_specials(tokenizer) else tokenizer.eos_token_id
-    return tokenizer.encode(reply, add_special_tokens=False) + ([end] if end is not None else [])
+    return _ids(tokenizer, reply) + ([end] if end is not None else [])
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    """The whole text's token ids. Not `verbose`: a text past the model's positions is expected here (it is
+    truncated or windowed afterwards, and counted), so transformers' "will result in indexing errors"
+    warning would be wrong."""
+    return tokenizer.encode(text, add_special_tokens=False, verbose=False)
 
 
 @dataclass
