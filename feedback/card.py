@@ -70,7 +70,7 @@ def write_card(out: Path, fmt: str, report, config, labels_config: dict | None, 
     lines += ["", "Files: `{split}.jsonl`, `{split}.parquet`, `dataset/` "
               "(`datasets.load_from_disk(\"dataset\")`).", ""]
     by, table = counts["by"], counts["table"]
-    lines += [f"## Distribution by {by}", "", f"| split | " + " | ".join(sorted({v for p in table.values() for v in p}))
+    lines += [f"## Distribution by {by}", "", "| split | " + " | ".join(sorted({v for p in table.values() for v in p}))
               + " |"]
     values = sorted({v for p in table.values() for v in p})
     lines += ["|---|" + "---:|" * len(values)]

@@ -231,14 +231,14 @@ class LabelReport:
 
 # Group statistics by GROUP BY + join rather than window functions: hash aggregation is several
 # times faster than the sorts that windows need on large partitions.
-_VOTES_SQL = f"""
+_VOTES_SQL = """
 WITH base AS (
-  SELECT comment_id, post_id, subreddit, sibling_rank, {{group}} AS grp, delay_post_s, created_utc
+  SELECT comment_id, post_id, subreddit, sibling_rank, {group} AS grp, delay_post_s, created_utc
   FROM turns
 ), firsts AS (
   SELECT post_id, min(created_utc) AS first_created FROM base GROUP BY post_id
 ), feats AS (
-  SELECT b.*, {{time_feature}} AS t
+  SELECT b.*, {time_feature} AS t
   FROM (SELECT b.*, greatest(coalesce(b.delay_post_s, b.created_utc::DOUBLE - f.first_created), 0) AS delay
         FROM base b JOIN firsts f USING (post_id)) b
 ), stats AS (
@@ -258,7 +258,7 @@ SELECT comment_id, post_id, subreddit, group_size::INTEGER AS group_size,
 FROM z
 """
 
-_SHP_SQL = f"""
+_SHP_SQL = """
 WITH cand AS (
   SELECT comment_id, post_id, parent_id, score, created_utc
   FROM turns
@@ -280,7 +280,7 @@ QUALIFY row_number() OVER (PARTITION BY post_id ORDER BY margin DESC, chosen_id,
         <= $max_pairs_per_post
 """
 
-_TIME_ADJACENT_SQL = f"""
+_TIME_ADJACENT_SQL = """
 WITH ordered AS (
   SELECT comment_id, post_id, parent_id, score, created_utc,
          lead(comment_id) OVER w AS next_id, lead(score) OVER w AS next_score,
@@ -302,7 +302,7 @@ WHERE next_id IS NOT NULL AND next_created::HUGEINT - created_utc <= $max_gap_s
 
 # Direct replies of the partition's turns whose sentiment counts. (regexp '\S' rather than
 # trim(body) <> '': the same test for "has visible text", ten times faster in DuckDB 2.0.)
-_REPLIES_SQL = f"""
+_REPLIES_SQL = """
 CREATE OR REPLACE TEMP TABLE replies AS
 SELECT t.comment_id AS turn_id, c.body, c.score
 FROM (SELECT comment_id, author, unnest(child_ids) AS child_id FROM turns) t

@@ -18,7 +18,7 @@ import pytest
 
 from feedback.export import export_dataset
 from feedback.labels import label_store
-from mining.delta_store import DeltaStore, is_delta_store, migrate_to_delta
+from mining.delta_store import DeltaStore, is_delta_store
 from mining.ingest import ingest
 from mining.store import Store
 

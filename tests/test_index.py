@@ -346,7 +346,6 @@ def test_weak_label_classifier_finds_stories_whose_prompt_lost_its_tag(store):
     stories, and the classifier, trained on the tagged half as positive-unlabelled data, still
     scores them as stories while the real 2005 comments stay low."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     from index.acts import load_acts_config, structure_scores
     from index.dense import DenseSearcher
