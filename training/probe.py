@@ -49,6 +49,7 @@ from ahf.console import UserError
 from index.dense import EmbeddingCache, resolve_encoder, text_keys
 from training import data as D
 from training.loop import row_counts
+from training.tokens import window_spans
 from training.models import MODEL_CARD, WEIGHTS, build_backbone, is_causal, load_state, load_tokenizer, \
     position_limit, read_card, save_state, update_card
 
@@ -71,11 +72,7 @@ class Chunking:
 
     def windows(self, n: int) -> list[tuple[int, int]]:
         """[start, end) windows covering 0..n; the last one ends at n."""
-        spans = [(0, min(self.size, n))]
-        while spans[-1][1] < n:
-            start = spans[-1][0] + self.stride
-            spans.append((start, min(start + self.size, n)))
-        return spans
+        return window_spans(n, self.size, self.stride)
 
     def key(self) -> str:
         return f"w{self.size}s{self.stride}"
@@ -330,29 +327,20 @@ class Fit:
 def fit_head(train: Rows, validation: Rows | None, hidden: int, l2: float, lr: float, max_epochs: int,
              patience: int, seed: int, metric: str = "accuracy") -> Fit:
     """Full-batch Adam on the loss + l2·‖W‖². With `validation`: keep the epoch with the best held-out
-    accuracy (ties: lower held-out loss), stop `patience` epochs after it; without: train `max_epochs`."""
+    accuracy (ties: lower held-out loss), stop `patience` epochs after it (`fit_heads_pooled` on one fold);
+    without: train `max_epochs`."""
+    if validation is not None:
+        chosen = fit_heads_pooled([(train, validation)], hidden, l2, lr, max_epochs, patience, seed, metric)
+        return Fit(chosen.head, chosen.best_epoch, chosen.validation_accuracy, chosen.validation_loss, chosen.curve)
     torch.manual_seed(seed)
     head = ProbeHead(train.x.shape[1], 3 if train.tiers is not None else 1, hidden)
     head.standardise_on(train.x)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
-    best, best_state, curve = None, None, []
-    for epoch in range(1, max_epochs + 1):
+    for _ in range(max_epochs):
         optimizer.zero_grad()
         (head_loss(head, train) + l2 * head.penalty()).backward()
         optimizer.step()
-        if validation is None:
-            continue
-        with torch.no_grad():
-            score = (head_accuracy(head, validation), -float(head_loss(head, validation)))
-        curve.append(round(score[0], 4))
-        if best is None or _key(score, metric) > _key(best[0], metric):
-            best, best_state = (score, epoch), {k: v.clone() for k, v in head.state_dict().items()}
-        elif epoch - best[1] >= patience:
-            break
-    if validation is None:
-        return Fit(head, max_epochs, None, None, curve)
-    head.load_state_dict(best_state)
-    return Fit(head, best[1], best[0][0], -best[0][1], curve)
+    return Fit(head, max_epochs, None, None, [])
 
 
 def _key(score: tuple[float, float], metric: str) -> tuple[float, float]:
@@ -409,7 +397,7 @@ def fit_heads_pooled(folds: list[tuple[Rows, Rows]], hidden: int, l2: float, lr:
         pairs = sum(n for _, n, _ in scored)
         accuracy = sum(won for won, _, _ in scored) / pairs
         loss = sum(n * loss for _, n, loss in scored) / pairs
-        if len(folds) == 1:  # exactly fit_head's figures
+        if len(folds) == 1:  # the float32 figures the single split has always reported, to the last bit
             accuracy, loss = head_accuracy(heads[0], folds[0][1]), scored[0][2]
         score = (accuracy, -loss)
         curve.append(round(accuracy, 4))

@@ -47,7 +47,8 @@ from training.models import (
     position_limit,
     read_card,
 )
-from training.tokens import LengthPolicy, encode_prompt, encode_reply, first_fit, pack_rows, pad_rows, shuffled_chunks
+from training.tokens import (LengthPolicy, encode_prompt, encode_reply, first_fit, pack_rows, pad_rows, shuffled_chunks,
+                             window_spans)
 
 
 class RMConfig(TrainCommon):
@@ -165,13 +166,8 @@ class ReplyWindows:
     stride: int | None = None
 
     def spans(self, n: int, size: int) -> list[tuple[int, int]]:
-        """[start, end) windows of `size` covering 0..n (training.probe.Chunking's arithmetic)."""
-        stride = min(self.stride or max(1, size * 3 // 4), size)
-        spans = [(0, min(size, n))]
-        while spans[-1][1] < n:
-            start = spans[-1][0] + stride
-            spans.append((start, min(start + size, n)))
-        return spans
+        """[start, end) windows of `size` covering 0..n (training.tokens.window_spans)."""
+        return window_spans(n, size, min(self.stride or max(1, size * 3 // 4), size))
 
     def fit(self, policy: LengthPolicy, prompt: list[int], replies: list[list[int]],
             report: D.FilterReport) -> tuple[list[int], list[list[list[int]]]] | None:

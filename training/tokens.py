@@ -26,6 +26,16 @@ def has_bert_specials(tokenizer) -> bool:
     return tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None
 
 
+def window_spans(n: int, size: int, stride: int) -> list[tuple[int, int]]:
+    """[start, end) windows `size` tokens wide, a new one every `stride` (<= size) tokens, covering 0..n; the
+    last one ends at n. The probe's embedding windows and the reward model's reply windows."""
+    spans = [(0, min(size, n))]
+    while spans[-1][1] < n:
+        start = spans[-1][0] + stride
+        spans.append((start, min(start + size, n)))
+    return spans
+
+
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """The prefix every reply continues: `[CLS] prompt [SEP]` for encoders, `prompt\\n\\n` for causal LMs."""
     if has_bert_specials(tokenizer):
