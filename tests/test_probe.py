@@ -198,8 +198,17 @@ def test_the_tier_objective_trains_a_three_way_probe(tmp_path, capsys):
 
 def test_probe_refusals_name_the_problem(tmp_path):
     train = write(planted_pairs()[:24], tmp_path / "train.jsonl")
-    with pytest.raises(UserError, match="method=probe trains on one DATA"):
-        train_reward_model(_config(tmp_path), {"a": train, "b": train}, tmp_path / "rm")
+    # several tasks: training.rm's multi-task rules, as for a fine-tuned model
+    with pytest.raises(UserError, match="objective=pairwise"):
+        train_reward_model(_config(tmp_path, objective="tier"), {"a": train, "b": train}, tmp_path / "rm")
+    with pytest.raises(UserError, match="maps each task to its held-out file"):
+        train_reward_model(_config(tmp_path, eval_pairs=str(train)), {"a": train, "b": train}, tmp_path / "rm")
+    with pytest.raises(UserError, match="needs joint training"):
+        train_reward_model(_config(tmp_path, eval_pairs={"a": str(train)}), train, tmp_path / "rm")
+    with pytest.raises(UserError, match=r"eval_pairs names tasks \['c'\]"):
+        train_reward_model(_config(tmp_path, eval_pairs={"c": str(train)}), {"a": train, "b": train}, tmp_path / "rm")
+    with pytest.raises(UserError, match="at least two tasks"):
+        train_reward_model(_config(tmp_path), {"a": train}, tmp_path / "rm")
     with pytest.raises(UserError, match="probe_chunk_tokens=600"):
         train_reward_model(_config(tmp_path, probe_chunk_tokens=600, probe_chunk_stride=300), train, tmp_path / "rm")
     one_prompt = write([{"prompt": "p", "chosen": "a", "rejected": "b"}] * 3, tmp_path / "one.jsonl")
@@ -364,3 +373,137 @@ def test_finetune_truncation_reports_reply_tokens_seen_against_whole():
     LengthPolicy(10, 4).fit([1, 2], [[7] * 4, [8] * 4], report)  # fits: nothing cut
     assert report.to_dict()["reply_tokens"] == {"seen": 8 + 3 + 8, "whole": 20 + 3 + 8, "share_seen": 0.6129}
     assert "reply_tokens" not in D.FilterReport().to_dict()  # reports no policy counted keep their shape
+
+
+# ----------------------------------------------------------------------------- several tasks (--task)
+
+def short_reply(topic: str) -> str:
+    return f"A note on {topic}."
+
+
+def long_reply(topic: str) -> str:
+    return (f"A note on {topic}. It goes on for a while, adding one plain detail after another. Then it adds "
+            f"a few more, and only after all of that does it come to a close.")
+
+
+def length_task_pairs(longer_wins: bool) -> list[dict]:
+    """One pair per topic between the same two replies: task `long` prefers the longer, `short` the shorter
+    (the same texts, opposite labels: only the head tells the tasks apart)."""
+    return [{"prompt": f"Write about {t}.", "chosen": long_reply(t) if longer_wins else short_reply(t),
+             "rejected": short_reply(t) if longer_wins else long_reply(t)} for t in TOPICS]
+
+
+@pytest.fixture(scope="module")
+def length_tasks(tmp_path_factory):
+    """Per task (long, short): 24 training and 6 held-out pairs (different topics)."""
+    work = tmp_path_factory.mktemp("probe_tasks")
+    files = {}
+    for name, longer in (("long", True), ("short", False)):
+        rows = length_task_pairs(longer)
+        files[name] = (write(rows[:24], work / f"{name}_train.jsonl"), write(rows[24:], work / f"{name}_held.jsonl"))
+    return files, work
+
+
+def _quick(cache, **extra) -> RMConfig:  # fewer candidates than the defaults: the same code, less time
+    return RMConfig(method="probe", probe_cache_dir=str(cache), probe_l2=[0.1, 0.01], probe_max_epochs=150, **extra)
+
+
+def test_a_multi_task_probe_has_one_head_per_task_each_a_single_task_probe(length_tasks):
+    from training.rm import score_reward_model
+
+    files, work = length_tasks
+    cache = work / "cache"
+    tasks = {name: str(train) for name, (train, _) in files.items()}
+    held = {name: str(h) for name, (_, h) in files.items()}
+    result = train_reward_model(_quick(cache, eval_pairs=held), tasks, work / "joint")
+    assert result["tasks"] == ["long", "short"] and result["task_conditioning"] == "task_head"
+    # one encoder, one cache: the two tasks' texts (the same 30 prompts and 60 replies) embedded once
+    assert result["embedding"]["texts"] == 90 and result["embedding"]["encoded"] == 90
+    for name in tasks:
+        by_task = result["by_task"][name]
+        assert (by_task["train_rows"], by_task["eval_prompts"], by_task["train_used"]) == (24, 6, 24)
+        assert by_task["eval_source"] == f"eval file {held[name]}" and by_task["validation_prompts"] == 24
+        assert result["eval_by_task"][name]["pairs"] == 6 and result["eval_by_task"][name]["accuracy"] == 1.0
+    assert result["eval_by_task"]["long"]["length_baseline"] == 1.0  # the longer reply wins in `long` only
+    assert result["eval_by_task"]["short"]["length_baseline"] == 0.0
+    card = json.loads((work / "joint" / "ahf_model.json").read_text())
+    assert card["tasks"] == ["long", "short"] and set(card["data"]["tasks"]) == {"long", "short"}
+    assert set(card["probe"]["by_task"]) == {"long", "short"} and "features" not in card["probe"]
+
+    # each task's held-out pairs: its own head gets them all, the other task's head none (swapping heads fails)
+    for name, other in (("long", "short"), ("short", "long")):
+        own = score_reward_model(work / "joint", held[name], task=name)
+        swapped = score_reward_model(work / "joint", held[name], task=other)
+        assert np.mean(np.array(own[0]) > np.array(own[1])) == 1.0
+        assert np.mean(np.array(swapped[0]) > np.array(swapped[1])) == 0.0
+
+    # each head is exactly the single-task probe of its task (same seed; its embeddings from the shared cache)
+    for name in tasks:
+        alone = train_reward_model(_quick(cache, eval_pairs=held[name]), tasks[name], work / f"alone_{name}")
+        assert alone["embedding"]["encoded"] == 0
+        shared = ("encoder", "encoder_key", "chunking")
+        assert result["probe"]["by_task"][name] == {k: v for k, v in alone["probe"].items() if k not in shared}
+        assert {k: result["probe"][k] for k in shared} == {k: alone["probe"][k] for k in shared}
+        assert result["eval_by_task"][name] == alone["eval"]
+        assert {k: result["by_task"][name][k] for k in ("validation_rows", "validation_prompts", "train_used")} == \
+            {k: alone[k] for k in ("validation_rows", "validation_prompts", "train_used")}
+        joint_scores = score_reward_model(work / "joint", held[name], task=name)[:2]
+        assert joint_scores == score_reward_model(work / f"alone_{name}", held[name])[:2]  # the same rewards
+    assert result["steps"] == sum(r["epochs"] for r in result["probe"]["by_task"].values())
+
+
+def test_train_and_eval_rm_with_task_on_a_probe_cli(length_tasks, capsys):
+    files, work = length_tasks
+    out = work / "cli"
+    # held out: 20 % of each task's prompts (its own seeded split), as a fine-tuned joint model takes them
+    assert ahf_main(["train", "rm", "--task", f"long={files['long'][0]}", "--task", f"short={files['short'][0]}",
+                     "--out", str(out), "--set", "method=probe", "--set", f"probe_cache_dir={work / 'cache'}",
+                     "--set", "probe_l2=[0.1]", "--set", "probe_max_epochs=150"]) == 0
+    printed = capsys.readouterr().out
+    card = json.loads((out / "ahf_model.json").read_text())
+    result = card["train_result"]
+    for name in ("long", "short"):
+        held = D.split_by_prompt(D.load_pairs(files[name][0]), 0.2, 0)[1]
+        assert result["by_task"][name]["eval_rows"] == len(held) == 5  # 20 % of 24 prompts
+        assert result["by_task"][name]["eval_source"] == "20% of the training prompts"
+        ev = result["eval_by_task"][name]
+        assert f"held-out {name} (5 prompts, 5 pairs): accuracy {ev['accuracy']:.3f}" in printed
+
+    held_long, held_short = files["long"][1], files["short"][1]
+    for name, pairs, baseline in (("long", held_long, 1.0), ("short", held_short, 0.0)):
+        assert ahf_main(["eval", "rm", "--model", str(out), "--pairs", str(pairs), "--task", name, "--json"]) == 0
+        evaluated = json.loads(capsys.readouterr().out)
+        assert evaluated["task"] == name and evaluated["method"] == "probe" and evaluated["pairs"] == 6
+        assert evaluated["accuracy"] == 1.0 and evaluated["length_baseline"] == baseline
+        assert evaluated["embedding"]["encoded"] == 0
+    assert ahf_main(["eval", "rm", "--model", str(out), "--pairs", str(held_long), "--task", "short", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == 0.0  # the other task's head
+    assert ahf_main(["eval", "rm", "--model", str(out), "--pairs", str(held_long), "--task", "long"]) == 0
+    assert "6 pairs, 6 prompts: accuracy 1.000" in capsys.readouterr().out
+    assert ahf_main(["eval", "rm", "--model", str(out), "--pairs", str(held_long)]) == 2
+    assert "trained jointly on tasks long, short: name one" in capsys.readouterr().err
+    assert ahf_main(["eval", "rm", "--model", str(out), "--pairs", str(held_long), "--task", "poems"]) == 2
+    assert "unknown task 'poems': this reward model knows long, short" in capsys.readouterr().err
+
+    # a single-task probe still refuses a task
+    single = work / "single"
+    train_reward_model(_quick(work / "cache", eval_pairs=str(held_long)), files["long"][0], single)
+    assert ahf_main(["eval", "rm", "--model", str(single), "--pairs", str(held_long), "--task", "long"]) == 2
+    assert "single-task; it takes no task" in capsys.readouterr().err
+
+    # ensembles take a multi-task probe as any multi-task member: the same task list, scored with a task
+    import shutil
+
+    shutil.copytree(out, work / "cli_copy")
+    assert ahf_main(["merge", "rm", str(out), str(single), "--method", "ensemble", "--out", str(work / "no")]) == 2
+    assert "must score the same tasks" in capsys.readouterr().err
+    assert ahf_main(["merge", "rm", str(out), str(work / "cli_copy"), "--method", "ensemble",
+                     "--out", str(work / "ensemble"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"] == ["long", "short"]
+    assert ahf_main(["eval", "rm", "--model", str(work / "ensemble"), "--pairs", str(held_short), "--task", "short",
+                     "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0
+    assert ahf_main(["eval", "rm", "--model", str(work / "ensemble"), "--pairs", str(held_short)]) == 2
+    assert "trained jointly on tasks long, short" in capsys.readouterr().err
+    assert ahf_main(["merge", "rm", str(out), str(work / "cli_copy"), "--out", str(work / "weights")]) == 2
+    assert "no weights to merge" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from training.config import TrainCommon
 from training.engine import full_state_dict, gathered
 from training.loop import Trainer
 from training.models import RewardModel, build_backbone, load_tokenizer, read_card, save_causal_lm
-from training.rm import score_pairs
+from training.rm import card_scoring, score_pairs
 from training.tokens import encode_prompt, pad_rows, shuffled_chunks
 
 
@@ -56,18 +56,19 @@ def reply_logprobs(model, prompts: list[list[int]], replies: list[list[int]], pa
 
 
 class RewardScorer:
-    """Scores (prompt, reply) text with a saved reward model and its own tokenizer."""
+    """Scores (prompt, reply) text with a saved reward model and its own tokenizer, with the lengths and reply
+    windows it was trained with (training.rm.card_scoring): the rewards `ahf eval rm` gives."""
 
     def __init__(self, directory: str, device, task: str | None = None):
         self.model = RewardModel.load(directory).to(device).eval()
         self.task = task  # which task of a jointly trained (multi-task) reward model scores
         self.tokenizer = load_tokenizer(directory)
-        self.max_length = read_card(directory).get("train_config", {}).get("max_length", 512)
+        self.settings = card_scoring(read_card(directory, "reward_model"), self.model)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], replies: list[str]) -> torch.Tensor:
         pairs = [D.Pair(p, r, r) for p, r in zip(prompts, replies)]
-        chosen, _, _ = score_pairs(self.model, self.tokenizer, pairs, self.max_length, batch_size=16, task=self.task)
+        chosen, _, _ = score_pairs(self.model, self.tokenizer, pairs, batch_size=16, task=self.task, **self.settings)
         return chosen
 
 

@@ -25,9 +25,16 @@ pooled curve's best, one number for all folds, not a median of per-fold bests). 
 scoring on that one split; with `probe_refit` the head is then retrained on training + validation rows.
 Deterministic for a seed.
 
-On disk (`DIR/`): `model.safetensors` (the head and the feature standardisation) and `ahf_model.json`
-(`method: probe`, the encoder, chunking, features, chosen L2 and epoch, the validation curves, the result).
-`ahf eval rm` (training.rm.evaluate_reward_model) scores a probe directory through `score_with_probe`.
+Several tasks (`ahf train rm --task NAME=PAIRS ... --set method=probe`): one head per task over the same
+frozen encoder and embedding cache, each chosen and trained exactly as a single-task probe on its task's
+pairs; held-out pairs per task as training.multitask takes them (`eval_pairs: {task: file}`, an export's
+validation split, or a split by prompt within the task), figures in `eval_by_task`.
+
+On disk (`DIR/`): `model.safetensors` (the head and the feature standardisation; a multi-task probe's
+tensors as `TASK/...`) and `ahf_model.json` (`method: probe`, the encoder, chunking, features, chosen L2 and
+epoch, the validation curves, the result; a multi-task probe: `tasks` and one such record per task in
+`probe.by_task`). `ahf eval rm [--task T]` (training.rm.evaluate_reward_model) scores a probe directory
+through `score_with_probe`.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from torch import nn
 from ahf.console import UserError
 from index.dense import EmbeddingCache, resolve_encoder, text_keys
 from training import data as D
+from training import multitask as M
 from training.loop import row_counts
 from training.tokens import window_spans
 from training.models import MODEL_CARD, WEIGHTS, build_backbone, is_causal, load_state, load_tokenizer, \
@@ -464,64 +472,123 @@ def choose_head(splits: list[tuple[list, list]], as_rows, config) -> tuple[Selec
 # ----------------------------------------------------------------------------- training
 
 def train_probe(config, data_path, out_dir, progress=None, log=None) -> dict:
-    """`ahf train rm` with method=probe (see the module docstring). `log` is unused: there is no step loop."""
-    if isinstance(data_path, dict) or isinstance(config.eval_pairs, dict):
-        raise UserError("method=probe trains on one DATA; joint multi-task training (--task) is method=finetune only")
+    """`ahf train rm` with method=probe (see the module docstring). `data_path` as {task: DATA} (two or more,
+    `--task`): one head per task over the same frozen encoder and embedding cache, each chosen and trained
+    exactly as a single-task probe on that task's pairs, held out per task (training.multitask's
+    conventions). `log` is unused: there is no step loop."""
+    from training.rm import _check_multitask
+
     started = time.perf_counter()
     c, out_dir = config, Path(out_dir)
-    cross_validated = c.probe_selection_folds > 1
-    if cross_validated and not c.probe_refit:
+    tasks = _check_multitask(c, data_path)  # {task: DATA} validated, or None for one DATA
+    if c.probe_selection_folds > 1 and not c.probe_refit:
         raise UserError("probe_refit=false keeps the head trained on the validation split: it needs "
                         f"probe_selection_folds 0 or 1 (got {c.probe_selection_folds}; inner cross-validation "
                         "trains one head per fold and always refits)")
     pairwise = c.objective == "pairwise"
-    load = D.load_pairs if pairwise else D.load_pointwise
-    source = D.read_source(data_path, load, c.detokenize, ("pairs",) if pairwise else ("pointwise",))
-    train, held, how = D.held_out(source, c.eval_pairs, load, c.detokenize, c.eval_fraction, c.seed)
-    splits = selection_splits(train, c)
+    if tasks:
+        train, held, data = M.load_task_pairs(tasks, c.eval_pairs, c.eval_fraction, c.seed, c.detokenize)
+        how = {name: data[name]["eval"] for name in tasks}
+        data = {"tasks": data}
+    else:
+        load = D.load_pairs if pairwise else D.load_pointwise
+        source = D.read_source(data_path, load, c.detokenize, ("pairs",) if pairwise else ("pointwise",))
+        one_train, one_held, one_how = D.held_out(source, c.eval_pairs, load, c.detokenize, c.eval_fraction, c.seed)
+        train, held, how, data = {None: one_train}, {None: one_held}, {None: one_how}, source.data | {"eval": one_how}
+    splits = {name: _task_splits(rows, c, name) for name, rows in train.items()}
     encoder, chunking = FrozenEncoder(c.probe_encoder), Chunking(c.probe_chunk_tokens, c.probe_chunk_stride)
     encoder.check(chunking)
     cache = embedding_cache(c.probe_cache_dir or DEFAULT_CACHE, encoder, chunking)
-    embeddings, embedding_stats = embed_texts(rows_texts(train + held), encoder, chunking, cache)
+    every = [r for name in train for r in train[name] + held[name]]  # every task's texts, embedded once
+    embeddings, embedding_stats = embed_texts(rows_texts(every), encoder, chunking, cache)
     encoded_at = time.perf_counter()
     as_rows = (lambda rows, features: pair_rows(rows, embeddings, features, c.use_margin)) if pairwise else \
         (lambda rows, features: tier_rows(rows, embeddings, features))
+    shared = {"encoder": encoder.name, "encoder_key": encoder.key,
+              "chunking": {"tokens": chunking.size, "stride": chunking.stride}}
+    heads, records, facts, figures = {}, {}, {}, {}
+    for name in train:
+        heads[name], features, records[name], facts[name] = _fit_probe(train[name], splits[name], as_rows, c)
+        if progress:
+            progress(1)
+        if held[name]:
+            held_rows = as_rows(held[name], features)
+            figures[name] = {"eval": _held_out_result(heads[name], held_rows, held[name] if pairwise else
+                                                      D.tier_pairs(held[name]))}
+            if not pairwise:
+                figures[name]["eval_tier_accuracy"] = float(
+                    (heads[name](held_rows.x).argmax(-1) == held_rows.tiers).float().mean())
+    every_train = [r for rows in train.values() for r in rows]
+    every_held = [r for rows in held.values() for r in rows]
+    result = {"out_dir": str(out_dir), "method": "probe", "steps": sum(r["epochs"] for r in records.values()),
+              **row_counts(every_train, every_held)}
+    if tasks:
+        probe = shared | {"by_task": records}
+        result |= {"tasks": list(tasks), "task_conditioning": TASK_CONDITIONING,
+                   "by_task": {name: row_counts(train[name], held[name]) | {"eval_source": how[name]} | facts[name]
+                               for name in tasks},
+                   "train_used": sum(f["train_used"] for f in facts.values())}
+        card = {"tasks": list(tasks), "task_conditioning": TASK_CONDITIONING}
+    else:
+        probe = shared | records[None]
+        result |= {"eval_source": how[None], **facts[None]}
+        card = {}
+    result |= {"embedding": embedding_stats, "tokens": tokens_of(embedding_stats),
+               "encode_seconds": round(encoded_at - started, 2), "probe": probe}
+    save_probe(out_dir, heads, card | {"train_config": c.model_dump(), "data": data, "probe": probe,
+                                       "head": c.objective})
+    if tasks:
+        result["eval_by_task"] = {name: figures[name]["eval"] for name in tasks if name in figures}
+    else:
+        result |= figures.get(None, {})
+    result["train_seconds"] = round(time.perf_counter() - started, 2)
+    with (out_dir / "metrics.jsonl").open("w") as metrics:
+        for name in train:
+            for row in records[name]["validation"]:
+                metrics.write(json.dumps(({"task": name} if tasks else {}) | {"validation": row}) + "\n")
+        if tasks:
+            metrics.write(json.dumps({"eval_by_task": result["eval_by_task"]}) + "\n")
+        else:
+            metrics.write(json.dumps({"eval": figures.get(None, {})}) + "\n")
+    update_card(out_dir, {"train_result": result})
+    return result
+
+
+TASK_CONDITIONING = "task_head"  # a multi-task probe: one head per task over the shared frozen encoder
+
+
+def _task_splits(train: list, config, task: str | None) -> list[tuple[list, list]]:
+    """`selection_splits` of one task's training rows; a refusal names the task."""
+    try:
+        return selection_splits(train, config)
+    except UserError as exc:
+        if task is None:
+            raise
+        raise UserError(f"task {task}: {exc}") from exc
+
+
+def _fit_probe(train: list, splits: list[tuple[list, list]], as_rows, config) -> tuple[ProbeHead, Features, dict,
+                                                                                         dict]:
+    """One probe head on one task's training rows: the candidate chosen on the held-out side of `splits`
+    (`choose_head`), refit on every training row (`probe_refit`). Returns the head, its features, the card's
+    record of it (features, head, chosen L2 and epochs, the validation table) and the result's facts
+    (validation rows and prompts, training rows used)."""
+    c = config
     best, features, table = choose_head(splits, as_rows, c)
-    if progress:
-        progress(1)
     head = best.head
     if c.probe_refit:  # the chosen strength and epoch count, on every training row
         head = fit_head(as_rows(train, features), None, hidden_units(c), _chosen_l2(table), c.probe_lr,
                         best.best_epoch, 0, c.seed).head
     validating = [r for _, part in splits for r in part]
-    probe = {"encoder": encoder.name, "encoder_key": encoder.key, "chunking": {"tokens": chunking.size,
-             "stride": chunking.stride}, "features": {"names": list(features.names),
-             "dim": int(head.mean.shape[0])}, "head": c.probe_head,
-             "hidden": hidden_units(c), "chosen_l2": _chosen_l2(table), "epochs": best.best_epoch,
-             "validation_accuracy": round(best.validation_accuracy, 4), "refit": c.probe_refit,
-             **({"selection_folds": len(splits), "fold_accuracy": best.fold_accuracy} if cross_validated else {}),
-             "validation": table}
-    result = {"out_dir": str(out_dir), "method": "probe", "steps": best.best_epoch, **row_counts(train, held),
-              "eval_source": how, "validation_rows": len(validating),
-              "validation_prompts": len({r.prompt for r in validating}),
-              "train_used": len(train) if c.probe_refit else len(splits[0][0]), "embedding": embedding_stats,
-              "tokens": tokens_of(embedding_stats),
-              "encode_seconds": round(encoded_at - started, 2), "probe": probe}
-    save_probe(out_dir, head, {"train_config": c.model_dump(), "data": source.data | {"eval": how}, "probe": probe,
-                               "head": c.objective})
-    if held:
-        held_rows = as_rows(held, features)
-        result["eval"] = _held_out_result(head, held_rows, held if pairwise else D.tier_pairs(held))
-        if not pairwise:
-            result["eval_tier_accuracy"] = float((head(held_rows.x).argmax(-1) == held_rows.tiers).float().mean())
-    result["train_seconds"] = round(time.perf_counter() - started, 2)
-    with (out_dir / "metrics.jsonl").open("w") as metrics:
-        for row in table:
-            metrics.write(json.dumps({"validation": row}) + "\n")
-        figures = {k: result[k] for k in ("eval", "eval_tier_accuracy") if k in result}
-        metrics.write(json.dumps({"eval": figures}) + "\n")
-    update_card(out_dir, {"train_result": result})
-    return result
+    cross_validated = c.probe_selection_folds > 1
+    record = {"features": {"names": list(features.names), "dim": int(head.mean.shape[0])}, "head": c.probe_head,
+              "hidden": hidden_units(c), "chosen_l2": _chosen_l2(table), "epochs": best.best_epoch,
+              "validation_accuracy": round(best.validation_accuracy, 4), "refit": c.probe_refit,
+              **({"selection_folds": len(splits), "fold_accuracy": best.fold_accuracy} if cross_validated else {}),
+              "validation": table}
+    facts = {"validation_rows": len(validating), "validation_prompts": len({r.prompt for r in validating}),
+             "train_used": len(train) if c.probe_refit else len(splits[0][0])}
+    return head, features, record, facts
 
 
 def hidden_units(config) -> int:
@@ -552,29 +619,54 @@ def pair_result(chosen: torch.Tensor, rejected: torch.Tensor, pairs: list[D.Pair
 
 # ----------------------------------------------------------------------------- saved model
 
-def save_probe(directory: Path, head: ProbeHead, card: dict) -> None:
+def save_probe(directory: Path, heads: dict[str | None, ProbeHead], card: dict) -> None:
+    """`heads` = {None: the head} of a single-task probe, or {task: its head}: one safetensors file, a
+    multi-task probe's tensors named `TASK/...` (task names hold no `/`)."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_state(head.state_dict(), directory / WEIGHTS)
+    state = {(f"{name}/{key}" if name is not None else key): value
+             for name, head in heads.items() for key, value in head.state_dict().items()}
+    save_state(state, directory / WEIGHTS)
     (directory / MODEL_CARD).write_text(json.dumps({"kind": "reward_model", "method": "probe", **card}, indent=2,
                                                    default=str))
 
 
-def load_probe(directory: str | Path) -> tuple[ProbeHead, dict]:
+def probe_task(card: dict, task: str | None) -> dict:
+    """The card's record of the head that scores `task` (`RewardModel.task_index`'s rules and messages): a
+    single-task probe refuses a task; a multi-task probe needs one of its tasks, and an error names them."""
+    tasks = card.get("tasks")
+    if not tasks:
+        if task is not None:
+            raise UserError(f"this reward model is single-task; it takes no task (got {task!r})")
+        return card["probe"]
+    if task is None:
+        raise UserError(f"this reward model was trained jointly on tasks {', '.join(tasks)}: name one (--task NAME)")
+    if task not in tasks:
+        raise UserError(f"unknown task {task!r}: this reward model knows {', '.join(tasks)}")
+    return card["probe"]["by_task"][task]
+
+
+def load_probe(directory: str | Path, task: str | None = None) -> tuple[ProbeHead, dict]:
+    """The head that scores `task` (None for a single-task probe) and the card."""
     card = read_card(directory, "reward_model")
-    probe = card["probe"]
-    head = ProbeHead(probe["features"]["dim"], 3 if card["head"] == "tier" else 1, probe["hidden"])
+    record = probe_task(card, task)
+    head = ProbeHead(record["features"]["dim"], 3 if card["head"] == "tier" else 1, record["hidden"])
+    state = load_state(Path(directory) / WEIGHTS)
+    if task is not None:
+        state = {key[len(task) + 1:]: value for key, value in state.items() if key.startswith(f"{task}/")}
     try:
-        head.load_state_dict(load_state(Path(directory) / WEIGHTS))
+        head.load_state_dict(state)
     except RuntimeError as exc:
         raise UserError(f"{directory}: weights do not match the probe's model card ({exc})") from exc
     return head.eval(), card
 
 
-def score_with_probe(model_dir: str | Path, pairs: list[D.Pair]) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
+def score_with_probe(model_dir: str | Path, pairs: list[D.Pair],
+                     task: str | None = None) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
     """(chosen rewards, rejected rewards, embedding stats, card) of a probe directory on `pairs`: embedded
-    with the recorded encoder and chunking (whole texts; the cache makes a repeat instant)."""
-    head, card = load_probe(model_dir)
-    probe, trained_with = card["probe"], card.get("train_config", {})
+    with the recorded encoder and chunking (whole texts; the cache makes a repeat instant). `task`: which
+    head of a multi-task probe scores (required there, refused by a single-task probe)."""
+    head, card = load_probe(model_dir, task)
+    probe, record, trained_with = card["probe"], probe_task(card, task), card.get("train_config", {})
     encoder = FrozenEncoder(trained_with.get("probe_encoder"))
     if encoder.key != probe["encoder_key"]:
         raise UserError(f"{model_dir}: trained on encoder {probe['encoder']} ({probe['encoder_key']}); "
@@ -582,8 +674,7 @@ def score_with_probe(model_dir: str | Path, pairs: list[D.Pair]) -> tuple[torch.
     chunking = Chunking(probe["chunking"]["tokens"], probe["chunking"]["stride"])
     cache = embedding_cache(trained_with.get("probe_cache_dir") or DEFAULT_CACHE, encoder, chunking)
     embeddings, stats = embed_texts(rows_texts(pairs), encoder, chunking, cache)
-    rows = pair_rows(pairs, embeddings, Features(tuple(probe["features"]["names"])))
+    rows = pair_rows(pairs, embeddings, Features(tuple(record["features"]["names"])))
     with torch.no_grad():
         reward = head.reward(rows.x)
     return reward[rows.chosen], reward[rows.rejected], stats, card
-

@@ -47,8 +47,8 @@ from training.models import (
     position_limit,
     read_card,
 )
-from training.tokens import (LengthPolicy, encode_prompt, encode_reply, first_fit, pack_rows, pad_rows, shuffled_chunks,
-                             window_spans)
+from training.tokens import (Batch, LengthPolicy, encode_prompt, encode_reply, first_fit, pack_rows, pad_rows,
+                             shuffled_chunks, window_spans)
 
 
 class RMConfig(TrainCommon):
@@ -65,9 +65,9 @@ class RMConfig(TrainCommon):
     long_replies: Literal["auto", "truncate", "windows"] = Field(
         "auto", description="a reply past max_length (overlong=truncate): windows (the prompt, then overlapping "
                             "reply windows covering every reply token; the reply's reward is the mean of its "
-                            "windows', in training and scoring; padded batches only) | truncate (the reply's "
-                            "tail is cut) | auto (windows for encoder backbones, truncate for causal ones); "
-                            "objective=tier always truncates")
+                            "windows', in training and scoring; objective=tier: the mean of its windows' logits; "
+                            "padded batches only) | truncate (the reply's tail is cut) | auto (windows for encoder "
+                            "backbones, truncate for causal ones)")
     window_stride: int | None = Field(
         None, ge=1, description="long_replies=windows: reply tokens between window starts (capped at the window, "
                                 "so no token is skipped); None: 3/4 of the window (the room the prompt leaves)")
@@ -145,12 +145,7 @@ class RMConfig(TrainCommon):
 
 def resolve_long_replies(long_replies: str, model: RewardModel) -> str:
     """`auto`: reply windows for an encoder backbone, truncation for a causal one (it keeps its max_length
-    and reports the cut). A tier head (objective=tier) always truncates."""
-    if model.head_kind != "pairwise":
-        if long_replies == "windows":
-            raise UserError("long_replies=windows scores pairs (objective=pairwise); objective=tier truncates: "
-                            "set long_replies=auto or truncate")
-        return "truncate"
+    and reports the cut); either head (pairwise scores, tier logits) pools its windows the same way."""
     if long_replies == "auto":
         return "truncate" if is_causal(model.backbone.config) else "windows"
     return long_replies
@@ -245,13 +240,22 @@ def encode_pairs(pairs: list[D.Pair], tokenizer, policy: LengthPolicy,
     return encoded, report
 
 
-def encode_points(points: list[D.PointExample], tokenizer, policy: LengthPolicy) -> tuple[list[dict], D.FilterReport]:
+def encode_points(points: list[D.PointExample], tokenizer, policy: LengthPolicy,
+                  windows: ReplyWindows | None = None) -> tuple[list[dict], D.FilterReport]:
+    """Token ids per tiered row (prompt + completion). With `windows`, a completion over max_length is kept
+    whole as several sequences: `rows` (prompt + window each; `ids` then holds the first window)."""
     report = D.FilterReport()
     encoded = []
     for point in points:
-        fitted = policy.fit(encode_prompt(tokenizer, point.prompt), [encode_reply(tokenizer, point.completion)], report)
-        if fitted is not None:
-            encoded.append({"ids": fitted[0] + fitted[1][0], "tier": point.tier})
+        fitted = _fit(policy, windows, encode_prompt(tokenizer, point.prompt),
+                      [encode_reply(tokenizer, point.completion)], report)
+        if fitted is None:
+            continue
+        prompt, (parts,) = fitted
+        row = {"ids": prompt + parts[0], "tier": point.tier}
+        if len(parts) > 1:
+            row["rows"] = [prompt + part for part in parts]
+        encoded.append(row)
     return encoded, report
 
 
@@ -275,15 +279,9 @@ def pair_batches(encoded: list[dict], packing: str, micro_batch_size: int, pack_
     if packing == "none":
         for members in shuffled_chunks(len(encoded), micro_batch_size, shuffle):
             chunk = [encoded[i] for i in members]
-            rows, sides = [], []  # a reply in windows: one row per window, each with its side's index
-            for first, (key, prompt) in enumerate((("chosen", "prompt"), ("rejected", "rejected_prompt"))):
-                for k, e in enumerate(chunk):
-                    seqs = e.get(f"{key}_rows") or [e[prompt] + e[key]]
-                    rows += seqs
-                    sides += [first * len(chunk) + k] * len(seqs)
-            batch = pad_rows(rows, pad_id)
-            if len(rows) > 2 * len(chunk):
-                batch.extras["sides"] = torch.tensor(sides)
+            batch = side_batch([e.get(f"{key}_rows") or [e[prompt] + e[key]]
+                                for key, prompt in (("chosen", "prompt"), ("rejected", "rejected_prompt"))
+                                for e in chunk], pad_id)
             batch.extras["pairs"] = members
             batch.extras["tasks"] = torch.tensor([e.get("task", 0) for e in chunk])
             batches.append((batch, torch.tensor([e["margin"] for e in chunk])))
@@ -322,9 +320,20 @@ def pair_batches(encoded: list[dict], packing: str, micro_batch_size: int, pack_
     return batches
 
 
+def side_batch(sides: list[list[list[int]]], pad_id: int) -> Batch:
+    """Padded rows of every side's sequences, side by side (a reply in windows: one row per window; one
+    that fits: its one sequence). When some side has several rows, `extras["sides"]` maps each row to its
+    side's index, for pool_windows."""
+    rows = [seq for seqs in sides for seq in seqs]
+    batch = pad_rows(rows, pad_id)
+    if len(rows) > len(sides):
+        batch.extras["sides"] = torch.tensor([k for k, seqs in enumerate(sides) for _ in seqs])
+    return batch
+
+
 def pool_windows(scores: torch.Tensor, batch) -> torch.Tensor:
     """One score per side: the mean over its windows' rows (`batch.extras["sides"]`; gradients reach every
-    window). A batch without windows comes back as it is."""
+    window); tier logits (rows of 3) are averaged per class. A batch without windows comes back as it is."""
     sides = batch.extras.get("sides")
     if sides is None:
         return scores
@@ -360,7 +369,8 @@ def score_pairs(model: RewardModel, tokenizer, pairs: list[D.Pair], max_length: 
                 batch_size: int = 16, task: str | None = None, long_replies: str = "auto",
                 window_stride: int | None = None) -> tuple[torch.Tensor, torch.Tensor, D.FilterReport]:
     """Scalar rewards for chosen and rejected (padded batches; a reply too long is scored as the mean of its
-    windows or truncated, per `long_replies` (RMConfig), and counted).
+    windows or truncated, per `long_replies` (RMConfig), and counted). A tier model's reward is the expected
+    tier of its pooled logits (the mean of the windows' logits, as in training).
     A joint multi-task model needs `task` (one of its recorded tasks); a single-task model refuses one."""
     model.eval()
     device = next(model.parameters()).device
@@ -376,8 +386,8 @@ def score_pairs(model: RewardModel, tokenizer, pairs: list[D.Pair], max_length: 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     for batch, _ in pair_batches(encoded, "none", batch_size, 0, tokenizer.pad_token_id, None):
         with autocast:
-            scores = RewardModel.score_from_logits(model(**task_inputs(model, batch, device)).float())
-        scores = pool_windows(scores, batch)
+            logits = model(**task_inputs(model, batch, device)).float()
+        scores = RewardModel.score_from_logits(pool_windows(logits, batch))  # pairwise: the score itself
         half = scores.shape[0] // 2
         chosen.append(scores[:half].cpu())
         rejected.append(scores[half:].cpu())
@@ -416,12 +426,11 @@ def score_reward_model(model_dir: str | Path, pairs_path: str | Path, detokenize
     card = read_card(model_dir, "reward_model")
     detok = card.get("train_config", {}).get("detokenize", False) if detokenize is None else detokenize
     if card.get("method") == "probe":
-        from training.probe import score_with_probe, tokens_of
+        from training.probe import probe_task, score_with_probe, tokens_of
 
-        if task is not None:
-            raise UserError(f"this reward model is single-task; it takes no task (got {task!r})")
+        probe_task(card, task)  # refuse a missing / unknown / superfluous task before reading the pairs
         pairs = D.load_pairs(pairs_path, detok=detok)
-        chosen, rejected, stats, _ = score_with_probe(model_dir, pairs)
+        chosen, rejected, stats, _ = score_with_probe(model_dir, pairs, task)
         return chosen.tolist(), rejected.tolist(), pairs, {"method": "probe", "tokens": tokens_of(stats),
                                                            "embedding": stats}
     if card.get("method") == "ensemble":
@@ -438,22 +447,36 @@ def _score_network(model_dir, card: dict, pairs_path, detok: bool, max_length: i
     """A fine-tuned (or LoRA-folded) RewardModel's rewards, at the training max_length unless told."""
     if max_length is not None and max_length < 4:
         raise UserError(f"--max-length {max_length} leaves no room for a prompt and a reply (4 tokens at least)")
-    trained_with = card.get("train_config", {})
     model = RewardModel.load(model_dir)
     model.task_index(task)  # refuse a missing / unknown / superfluous task before reading the pairs
     if torch.cuda.is_available():
         model = model.cuda()
     tokenizer = load_tokenizer(str(model_dir))
     pairs = D.load_pairs(pairs_path, detok=detok)
+    asked = max_length or card.get("train_config", {}).get("max_length") or 512
+    settings = card_scoring(card, model, asked)
+    chosen, rejected, report = score_pairs(model, tokenizer, pairs, batch_size=batch_size, task=task, **settings)
+    length = settings["max_length"]
+    clamped = ({"max_length_clamped": {"asked": asked, "positions": position_limit(model.backbone)}}
+               if length < asked else {})
+    return chosen.tolist(), rejected.tolist(), pairs, {"max_length": length, **clamped,
+                                                       "long_replies": settings["long_replies"],
+                                                       "truncation": report.to_dict()}
+
+
+def card_scoring(card: dict, model: RewardModel, max_length: int | None = None) -> dict:
+    """score_pairs' length settings for a saved fine-tuned reward model, as it was trained (`eval rm` and the
+    policy trainers' reward scorer both use them): `max_length` (default the training one, else 512; clamped
+    to the backbone's positions), `max_prompt_length`, `window_stride` and `long_replies`: the mode training
+    used (`train_result.long_replies`), else the recorded setting resolved for this model, else `truncate`:
+    a card older than `long_replies` was trained on truncated replies."""
+    trained_with = card.get("train_config", {})
     asked = max_length or trained_with.get("max_length") or 512
     positions = position_limit(model.backbone)
-    length = min(asked, positions or asked)
-    long_replies = resolve_long_replies(trained_with.get("long_replies", "auto"), model)
-    chosen, rejected, report = score_pairs(model, tokenizer, pairs, length, trained_with.get("max_prompt_length", 128),
-                                           batch_size, task, long_replies, trained_with.get("window_stride"))
-    clamped = {"max_length_clamped": {"asked": asked, "positions": positions}} if length < asked else {}
-    return chosen.tolist(), rejected.tolist(), pairs, {"max_length": length, **clamped, "long_replies": long_replies,
-                                                       "truncation": report.to_dict()}
+    mode = card.get("train_result", {}).get("long_replies") or trained_with.get("long_replies") or "truncate"
+    return {"max_length": min(asked, positions or asked),
+            "max_prompt_length": trained_with.get("max_prompt_length", 128),
+            "long_replies": resolve_long_replies(mode, model), "window_stride": trained_with.get("window_stride")}
 
 
 # ----------------------------------------------------------------------------- training
@@ -533,7 +556,7 @@ class RMTrainer(Trainer):
         elif self.config.objective == "pairwise":
             self.encoded, filtering = encode_pairs(train, self.tokenizer, self.length, self.windows)
         else:
-            self.encoded, filtering = encode_points(train, self.tokenizer, self.length)
+            self.encoded, filtering = encode_points(train, self.tokenizer, self.length, self.windows)
         self.facts |= {"train_used": len(self.encoded), "length_filter": filtering.to_dict()}
 
     def _packing(self) -> str:
@@ -575,6 +598,7 @@ class RMTrainer(Trainer):
         logits = self.engine(**task_inputs(self.model, inputs, self.device)).float()
         if self.config.objective == "tier":
             tiers = targets.to(self.device)
+            logits = pool_windows(logits, inputs)  # a completion in windows: the mean of its windows' logits
             loss = F.cross_entropy(logits, tiers)
             return loss, _tier_stats(loss, logits, tiers)
         logits = pool_windows(logits, inputs)  # a reply in windows: the mean of its windows' rewards
@@ -619,7 +643,7 @@ class RMTrainer(Trainer):
             result["eval"] = score(pairs)
         if c.objective == "tier" and self.eval_rows:
             result["eval_tier_accuracy"] = _tier_accuracy(final, self.tokenizer, self.eval_rows, self.length,
-                                                          c.eval_batch_size)
+                                                          c.eval_batch_size, self.windows)
         return result
 
 
@@ -667,11 +691,14 @@ def _encode_tasks(train_by_task: dict[str, list[D.Pair]], model: RewardModel, to
     return encoded, total
 
 
-def _tier_batches(encoded: list[dict], size: int, pad_id: int, rng: random.Random) -> list:
+def _tier_batches(encoded: list[dict], size: int, pad_id: int, rng: random.Random | None) -> list:
+    """(Batch, tiers) of `size` rows each; a row in windows brings one padded row per window, mapped to its
+    row by `extras["sides"]` (pool_windows), as for pairs."""
     out = []
     for members in shuffled_chunks(len(encoded), size, rng):
         chunk = [encoded[i] for i in members]
-        out.append((pad_rows([e["ids"] for e in chunk], pad_id), torch.tensor([e["tier"] for e in chunk])))
+        out.append((side_batch([e.get("rows") or [e["ids"]] for e in chunk], pad_id),
+                    torch.tensor([e["tier"] for e in chunk])))
     return out
 
 
@@ -683,14 +710,20 @@ def _tier_stats(loss, logits, tiers) -> dict:
 
 
 @torch.no_grad()
-def _tier_accuracy(model: RewardModel, tokenizer, points, policy: LengthPolicy, batch_size: int) -> float:
-    encoded, _ = encode_points(points, tokenizer, LengthPolicy(policy.max_length, policy.max_prompt_length, "truncate"))
+def tier_logits(model: RewardModel, encoded: list[dict], pad_id: int, batch_size: int) -> torch.Tensor:
+    """A tier model's logits per encoded row (encode_points), in order: the mean of its windows' logits for
+    a row in windows, as in training."""
     device = next(model.parameters()).device
     model.eval()
-    hits = 0
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
-        batch = pad_rows([e["ids"] for e in chunk], tokenizer.pad_token_id)
-        predicted = model(**batch.model_inputs(device)).argmax(-1).cpu()
-        hits += int((predicted == torch.tensor([e["tier"] for e in chunk])).sum())
-    return hits / max(1, len(encoded))
+    return torch.cat([pool_windows(model(**batch.model_inputs(device)).float(), batch).cpu()
+                      for batch, _ in _tier_batches(encoded, batch_size, pad_id, None)])
+
+
+def _tier_accuracy(model: RewardModel, tokenizer, points, policy: LengthPolicy, batch_size: int,
+                   windows: ReplyWindows | None = None) -> float:
+    encoded, _ = encode_points(points, tokenizer, LengthPolicy(policy.max_length, policy.max_prompt_length, "truncate"),
+                               windows)
+    if not encoded:
+        return 0.0
+    predicted = tier_logits(model, encoded, tokenizer.pad_token_id, batch_size).argmax(-1)
+    return int((predicted == torch.tensor([e["tier"] for e in encoded])).sum()) / len(encoded)
