@@ -43,6 +43,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+# The DuckDB-file store: this benchmark copies a base store's ahf.duckdb, and its anchors in docs/bench
+# were measured on that format (bench/scale.py compares it with Delta, the default).
+os.environ.setdefault("AHF_STORE_FORMAT", "duckdb")
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

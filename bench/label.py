@@ -30,6 +30,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The DuckDB-file store: this benchmark grows its store by ATTACHing a seed's ahf.duckdb, and its anchors
+# in docs/bench were measured on that format (bench/scale.py compares it with Delta, the default).
+os.environ.setdefault("AHF_STORE_FORMAT", "duckdb")
 sys.path.insert(0, str(REPO))
 
 from feedback.labels import LabelConfig, label_store  # noqa: E402

@@ -35,7 +35,8 @@ CONFIGS = {"local": ("local", 0, None), "ray, 1 worker": ("ray", 1, None), "ray,
            # "ray, 2 workers" compares two runs on the same two cores
            "ray, 1 worker, 1 core": ("ray", 1, 1)}
 # --delta: the same runs on a Delta Lake store (AHF_STORE_FORMAT=delta) beside the DuckDB file's
-DELTA_CONFIGS = {"local, delta": ("local", 0, None), "ray, 2 workers, delta": ("ray", 2, None)}
+DELTA_CONFIGS = {"local, delta": ("local", 0, None), "ray, 2 workers, delta": ("ray", 2, None),
+                 "ray, 1 worker, 1 core, delta": ("ray", 1, 1)}
 STAGES = ("ingest", "turns", "label", "export")
 
 
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default="/tmp/ahf-bench-scale")
     parser.add_argument("--doc")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--delta", action="store_true", help="also run local and Ray (2 workers) on a Delta store")
+    parser.add_argument("--delta", action="store_true", help="also run local, Ray (2 workers) and Ray (1 worker, 1 core) on a Delta store")
     parser.add_argument("--only-delta-pair", action="store_true",
                         help="only local on the DuckDB file and local on Delta (the store formats compared)")
     parser.add_argument("--only", nargs="+", choices=list(CONFIGS) + list(DELTA_CONFIGS), metavar="CONFIG",
@@ -227,7 +228,8 @@ def main(argv=None) -> int:
     ratios = {}
     for a, b in (("ray, 2 workers", "local"), ("ray, 2 workers", "ray, 1 worker"),
                  ("ray, 2 workers", "ray, 1 worker, 1 core"), ("local, delta", "local"),
-                 ("ray, 2 workers, delta", "ray, 2 workers")):
+                 ("ray, 2 workers, delta", "ray, 2 workers"), ("ray, 2 workers, delta", "local, delta"),
+                 ("ray, 2 workers, delta", "ray, 1 worker, 1 core, delta")):
         if a in runs and b in runs:
             ratios |= {f"{stage}: {a} / {b}": round(runs[a][stage]["per_s"] / runs[b][stage]["per_s"], 2)
                        for stage in STAGES}

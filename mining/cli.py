@@ -16,7 +16,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--batch-rows", type=int, default=245_760,
                    help="rows per committed transaction, rounded down to whole DuckDB row groups (122,880)")
     p.add_argument("--store-format", choices=["duckdb", "delta"],
-                   help="format of a NEW store (default: AHF_STORE_FORMAT, else duckdb); an existing one keeps its own")
+                   help="format of a NEW store (default: AHF_STORE_FORMAT, else delta); an existing one keeps its own")
     add_config(p, "mining")
     add_engine(p)
     add_json(p)

@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from mining.schema import COMMENT_SCHEMA, MUTABLE_COMMENT_COLUMNS, MUTABLE_POST_COLUMNS, POST_SCHEMA, SCHEMAS
 from mining.store import COMMENTS_VERSION, ROW_GROUP_ROWS, SCHEMA_VERSION, Store, StoreError
@@ -47,6 +50,34 @@ def _writer_properties():
     from deltalake import WriterProperties
 
     return WriterProperties(max_row_group_size=ROW_GROUP_ROWS)
+
+
+def write_table_file(table_dir: str | Path, rows: pa.Table) -> dict | None:
+    """Write `rows` as one new Parquet file in a Delta table's folder, not yet committed (no reader lists
+    it until `DeltaStore.commit_files` does): what a Ray ingest task writes, so that the driver commits
+    files instead of re-encoding every row. Returns the file's add action (path relative to the table,
+    size, time, statistics); None for no rows."""
+    if not rows.num_rows:
+        return None
+    name = f"part-ahf-{uuid.uuid4().hex}.snappy.parquet"
+    path = Path(table_dir) / name
+    pq.write_table(rows, path, row_group_size=ROW_GROUP_ROWS, compression="snappy")
+    return {"path": name, "size": path.stat().st_size, "partition_values": {},
+            "modification_time": int(path.stat().st_mtime * 1000), "data_change": True,
+            "stats": json.dumps(_file_stats(rows))}
+
+
+def _file_stats(rows: pa.Table) -> dict:
+    """Delta's per-file statistics: row and null counts of every column, min / max of the numeric ones
+    (strings are left out: Delta truncates them, and nothing here prunes by them)."""
+    stats = {"numRecords": rows.num_rows, "minValues": {}, "maxValues": {},
+             "nullCount": {name: rows.column(name).null_count for name in rows.column_names}}
+    for name in rows.column_names:
+        column = rows.column(name)
+        if pa.types.is_integer(column.type) and column.null_count < rows.num_rows:
+            bounds = pc.min_max(column)
+            stats["minValues"][name], stats["maxValues"][name] = bounds["min"].as_py(), bounds["max"].as_py()
+    return stats
 
 
 def is_delta_store(path: str | Path) -> bool:
@@ -72,6 +103,10 @@ class DeltaStore(Store):
     def _table_dir(self, table: str) -> Path:
         return self.path / DELTA_DIR / table
 
+    def raw_table_dirs(self) -> dict[str, str]:
+        """The folders of the raw tables, where Ray ingest tasks write their files (`write_table_file`)."""
+        return {table: str(self._table_dir(table)) for table in RAW}
+
     def _create(self) -> None:
         from deltalake import DeltaTable
 
@@ -82,6 +117,7 @@ class DeltaStore(Store):
     def _connect(self) -> None:
         self.con = duckdb.connect()
         self.con.execute("SET enable_progress_bar = false")
+        self._follow_affinity()
         # Parquet footers read once per file: Delta never rewrites a file in place, so the cache cannot go stale
         self.con.execute("SET enable_object_cache = true")
         self._refresh()
@@ -142,24 +178,66 @@ class DeltaStore(Store):
     def upsert(self, comments: pa.Table, posts: pa.Table) -> None:
         """Each kind's batch in one commit: appended when all its ids are new, else a MERGE of the
         batch's newest copy of each id into the table (mutable columns when at least as new)."""
+        for table, rows in (("comments", comments), ("posts", posts)):
+            self._upsert_table(table, rows)
+
+    def _upsert_table(self, table: str, rows: pa.Table) -> None:
         from deltalake import DeltaTable, write_deltalake
 
-        for table, rows in (("comments", comments), ("posts", posts)):
-            if not rows.num_rows:
+        if not rows.num_rows:
+            return
+        schema, mutable = RAW[table]
+        path = str(self._table_dir(table))
+        if not self._needs_merge(table, rows):
+            write_deltalake(path, rows, mode="append", writer_properties=_writer_properties())
+            self._refresh([table])
+            return
+        winners = self._winners(rows, schema)
+        updates = {c: f"s.{c}" for c in mutable}
+        (DeltaTable(path).merge(source=winners, predicate="t.id = s.id", source_alias="s", target_alias="t",
+                                writer_properties=_writer_properties())
+         .when_matched_update(updates=updates,
+                              predicate="coalesce(s.retrieved_utc, -1) >= coalesce(t.retrieved_utc, -1)")
+         .when_not_matched_insert_all().execute())
+        self._refresh([table])  # the next batch's check must see this one's rows
+
+    def commit_files(self, batches: list[tuple[dict | None, dict | None]]) -> dict[str, str]:
+        """Take the files one ingest task wrote into the raw tables' folders (`write_table_file`; one
+        (comments, posts) pair per batch, in the input's order). A table's files are committed as they
+        are, in one transaction, when none of their ids repeats or is stored already (a dump read for
+        the first time); otherwise their batches are upserted one by one, as `upsert` takes them (newest
+        retrieval wins, ties to the later batch), and the files are deleted: never committed, never read.
+        Returns how each table took them: `committed` or `merged`."""
+        from deltalake import DeltaTable
+        from deltalake.transaction import AddAction
+
+        how = {}
+        for index, table in enumerate(RAW):
+            actions = [batch[index] for batch in batches if batch[index]]
+            if not actions:
                 continue
-            schema, mutable = RAW[table]
-            path = str(self._table_dir(table))
-            if not self._needs_merge(table, rows):
-                write_deltalake(path, rows, mode="append", writer_properties=_writer_properties())
-                continue
-            winners = self._winners(rows, schema)
-            updates = {c: f"s.{c}" for c in mutable}
-            (DeltaTable(path).merge(source=winners, predicate="t.id = s.id", source_alias="s", target_alias="t",
-                                    writer_properties=_writer_properties())
-             .when_matched_update(updates=updates,
-                                  predicate="coalesce(s.retrieved_utc, -1) >= coalesce(t.retrieved_utc, -1)")
-             .when_not_matched_insert_all().execute())
-        self._refresh(list(RAW))
+            folder = self._table_dir(table)
+            paths = [folder / action["path"] for action in actions]
+            if self._files_need_merge(table, paths, sum(json.loads(a["stats"])["numRecords"] for a in actions)):
+                for path in paths:
+                    self._upsert_table(table, pq.read_table(path))
+                    path.unlink()
+                how[table] = "merged"
+            else:
+                DeltaTable(str(folder)).create_write_transaction([AddAction(**a) for a in actions], mode="append",
+                                                                 schema=RAW[table][0])
+                how[table] = "committed"
+                self._refresh([table])
+        return how
+
+    def _files_need_merge(self, table: str, paths: list[Path], rows: int) -> bool:
+        """`_needs_merge` for rows still in (uncommitted) Parquet files."""
+        listed = ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths)
+        repeated, stored = self.con.execute(
+            f"""SELECT (SELECT count(DISTINCT id) FROM read_parquet([{listed}])) < {int(rows)},
+                       EXISTS (SELECT 1 FROM {table} WHERE id IN (SELECT id FROM read_parquet([{listed}])))"""
+        ).fetchall()[0]
+        return repeated or stored
 
     def _winners(self, rows: pa.Table, schema: pa.Schema) -> pa.Table:
         """The newest copy of each id in the batch (the later line on a tie), as the DuckDB store keeps it."""

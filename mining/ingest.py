@@ -309,13 +309,22 @@ def ingest_file(sink: Sink, path: Path, batch_rows: int = DEFAULT_BATCH_ROWS,
 
 class _ParquetParts:
     """A sink that writes each batch as two Parquet files (comments, posts) in `folder`, in order:
-    a Ray task's output, which the driver upserts batch by batch, so the store sees the same batches."""
+    a Ray task's output, which the driver upserts batch by batch, so the store sees the same batches.
+    With `table_dirs` (a Delta store) the files go straight into the tables' folders instead, as
+    uncommitted Delta files the driver commits (mining.delta_store.DeltaStore.commit_files): then no
+    row passes through the driver."""
 
-    def __init__(self, folder: Path):
-        self.folder, self.parts = folder, []
+    def __init__(self, folder: Path, table_dirs: dict[str, str] | None = None):
+        self.folder, self.table_dirs, self.parts = folder, table_dirs, []
         folder.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, comments: pa.Table, posts: pa.Table) -> None:
+        if self.table_dirs:
+            from mining.delta_store import write_table_file
+
+            self.parts.append((write_table_file(self.table_dirs["comments"], comments),
+                               write_table_file(self.table_dirs["posts"], posts)))
+            return
         stem = self.folder / f"batch-{len(self.parts):06d}"
         pq.write_table(comments, f"{stem}.comments.parquet", compression="none")
         pq.write_table(posts, f"{stem}.posts.parquet", compression="none")
@@ -331,17 +340,18 @@ class IngestTask:
     batch_rows: int
     sink: Sink | None = None
     out: str | None = None
+    table_dirs: dict[str, str] | None = None  # a Delta store's raw tables: the task writes its files there
     parsers: ParserPool | None = None
     on_bytes: Callable[[int], None] | None = None
 
 
-def ingest_partition(task: IngestTask) -> tuple[FileReport, list[tuple[str, str]]]:
+def ingest_partition(task: IngestTask) -> tuple[FileReport, list[tuple]]:
     """Read one file into batches, the same function for every engine: to the store directly (local)
     or to Parquet parts (a Ray task); returns the file's accounting and the parts written."""
     path = Path(task.path)
     if task.sink is not None:
         return ingest_file(task.sink, path, task.batch_rows, task.on_bytes, parsers=task.parsers), []
-    parts = _ParquetParts(Path(task.out))
+    parts = _ParquetParts(Path(task.out), task.table_dirs)
     with ParserPool(task_threads() or parse_threads(), task.out) as parsers:  # a task's CPUs, not its node's
         report = ingest_file(parts, path, task.batch_rows, parsers=parsers)
     return report, parts.parts
@@ -414,11 +424,18 @@ def _load(store: Store, files: list[Path], batch_rows: int, progress, engine) ->
             tasks = [IngestTask(str(path), batch_rows, sink=store.upsert, parsers=parsers, on_bytes=progress)
                      for path in files]
             return [file_report for file_report, _ in engine.map(ingest_partition, tasks)]
-    tasks = [IngestTask(str(path), batch_rows, out=str(store.scratch / f"file-{i:05d}")) for i, path in enumerate(files)]
+    # A Delta store takes the tasks' files as they are (DeltaStore.commit_files); the DuckDB file, one
+    # writer, upserts their rows here
+    table_dirs = store.raw_table_dirs() if store.format == "delta" else None
+    tasks = [IngestTask(str(path), batch_rows, out=str(store.scratch / f"file-{i:05d}"), table_dirs=table_dirs)
+             for i, path in enumerate(files)]
     reports = []
     for (file_report, parts), task in zip(engine.map(ingest_partition, tasks), tasks):
-        for comments, posts in parts:  # in the file's order: later writes win ties, as locally
-            store.upsert(pq.read_table(comments), pq.read_table(posts))
+        if table_dirs:
+            store.commit_files(parts)
+        else:
+            for comments, posts in parts:  # in the file's order: later writes win ties, as locally
+                store.upsert(pq.read_table(comments), pq.read_table(posts))
         shutil.rmtree(task.out, ignore_errors=True)
         if progress:
             progress(file_report.bytes)

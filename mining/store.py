@@ -66,8 +66,9 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
 
 
 def new_store_format() -> str:
-    """The format of a store created now: `AHF_STORE_FORMAT` (duckdb | delta), duckdb by default."""
-    value = os.environ.get("AHF_STORE_FORMAT", "duckdb")
+    """The format of a store created now: `AHF_STORE_FORMAT` (delta | duckdb), Delta Lake by default: the one
+    format that a laptop and a Ray cluster both write (docs/store.md)."""
+    value = os.environ.get("AHF_STORE_FORMAT", "delta")
     if value not in ("duckdb", "delta"):
         raise StoreError(f"AHF_STORE_FORMAT={value!r}: choose duckdb or delta")
     return value
@@ -113,9 +114,10 @@ def _merge_sql(table: str, schema: pa.Schema, mutable: tuple[str, ...], source: 
 class Store:
     """A store directory. Use as a context manager; `read_only=True` lets several readers share it.
 
-    Two formats behind this one interface: one DuckDB file (this class; the default for a new store) and
-    Delta Lake tables (mining.delta_store.DeltaStore: many writers, for Ray clusters). `Store(path)` opens
-    whichever the directory holds; a new store takes `AHF_STORE_FORMAT` (duckdb | delta)."""
+    Two formats behind this one interface: Delta Lake tables (mining.delta_store.DeltaStore: many writers,
+    for a laptop and a Ray cluster alike; the default for a new store) and one DuckDB file (this class; the
+    format of stores made before). `Store(path)` opens whichever the directory holds; a new store takes
+    `AHF_STORE_FORMAT` (delta | duckdb)."""
 
     format = "duckdb"
 
@@ -149,6 +151,9 @@ class Store:
             raise StoreError(f"cannot open store {db}: {exc}") from exc
         # DuckDB draws its progress bar on stdout, which belongs to `--json` output
         self.con.execute("SET enable_progress_bar = false")
+        self._follow_affinity()
+
+    def _follow_affinity(self) -> None:
         if usable_cores() < (os.cpu_count() or 1):  # DuckDB counts the machine's cores, not this process's
             self.con.execute(f"SET threads = {usable_cores()}")
 

@@ -72,19 +72,22 @@ END
 
 # Pass 1, the tree walk, once: every comment with its ancestors (a recursive walk from the
 # top-level comments down, so a comment whose ancestor is missing is never reached: an orphan) and
-# the reason it is not a turn (NULL: it is one).
+# the reason it is not a turn (NULL: it is one). The walk stays inside a thread: a comment whose
+# parent is another thread's (its link_id and its parent's disagree) is not reached either, so a
+# turn depends only on its own thread, and partitions of threads (Ray's) give the same turns.
 _CLASSIFY_SQL = f"""
 CREATE OR REPLACE TEMP TABLE turn_classes AS
 WITH RECURSIVE
   edges AS (
-    SELECT id, CASE WHEN starts_with(parent_id, 't1_') THEN substr(parent_id, 4) END AS parent_comment
+    SELECT id, link_id, CASE WHEN starts_with(parent_id, 't1_') THEN substr(parent_id, 4) END AS parent_comment
     FROM comments
   ),
-  tree(id, ancestor_ids) AS (
-    SELECT c.id, []::VARCHAR[] FROM comments c WHERE starts_with(c.parent_id, 't3_')
+  tree(id, link_id, ancestor_ids) AS (
+    SELECT c.id, c.link_id, []::VARCHAR[] FROM comments c
+    WHERE starts_with(c.parent_id, 't3_') AND c.parent_id = c.link_id
     UNION ALL
-    SELECT e.id, list_append(tree.ancestor_ids, tree.id)
-    FROM edges e JOIN tree ON e.parent_comment = tree.id
+    SELECT e.id, e.link_id, list_append(tree.ancestor_ids, tree.id)
+    FROM edges e JOIN tree ON e.parent_comment = tree.id AND e.link_id = tree.link_id
   )
 SELECT c.id, t.ancestor_ids, {_REASON_SQL} AS reason
 FROM comments c
@@ -97,13 +100,13 @@ _TURNS_SQL = """
 WITH
   siblings AS (
     SELECT id,
-           row_number() OVER (PARTITION BY parent_id ORDER BY score DESC NULLS LAST, created_utc, id)
+           row_number() OVER (PARTITION BY link_id, parent_id ORDER BY score DESC NULLS LAST, created_utc, id)
              AS sibling_rank,
-           count(*) OVER (PARTITION BY parent_id) AS n_siblings
+           count(*) OVER (PARTITION BY link_id, parent_id) AS n_siblings
     FROM comments
   ),
   kids AS (
-    SELECT substr(parent_id, 4) AS id, count(*) AS n_children, list(id ORDER BY created_utc, id) AS child_ids
+    SELECT substr(parent_id, 4) AS id, link_id, count(*) AS n_children, list(id ORDER BY created_utc, id) AS child_ids
     FROM comments WHERE starts_with(parent_id, 't1_') GROUP BY ALL
   ),
   classified AS (
@@ -148,7 +151,7 @@ SELECT
   k.over_18
 FROM classified k
 JOIN siblings s ON s.id = k.id
-LEFT JOIN kids ON kids.id = k.id
+LEFT JOIN kids ON kids.id = k.id AND kids.link_id = k.link_id
 """
 
 

@@ -14,12 +14,14 @@ import time
 from pathlib import Path
 
 import orjson
+import pyarrow as pa
 import pytest
 
 from feedback.export import export_dataset
 from feedback.labels import label_store
-from mining.delta_store import DeltaStore, is_delta_store
+from mining.delta_store import DeltaStore, is_delta_store, write_table_file
 from mining.ingest import ingest
+from mining.schema import COMMENT_SCHEMA, POST_SCHEMA
 from mining.store import Store
 
 REAL = ["pushshift/RC_2005-12.zst", "pushshift/RS_2019-10_AskWomen.zst",
@@ -82,6 +84,56 @@ def test_newest_retrieval_wins_and_reingest_is_idempotent(tmp_path, monkeypatch)
             # the newest copy's mutable columns, the first stored copy's created_utc
             first_created = T + 100 if order[0] == old else T + 999
             assert store.rows("SELECT body, score, created_utc FROM comments") == [("edited", 9, first_created)]
+
+
+def _comments(*rows: tuple[str, str, int]) -> pa.Table:
+    """(id, body, retrieved_utc) rows of one thread, as an ingest batch holds them."""
+    return pa.table({"id": [r[0] for r in rows], "link_id": ["t3_p"] * len(rows), "parent_id": ["t3_p"] * len(rows),
+                     "author": ["u"] * len(rows), "body": [r[1] for r in rows], "score": [1] * len(rows),
+                     "created_utc": [T] * len(rows), "subreddit": ["s"] * len(rows), "distinguished": [None] * len(rows),
+                     "stickied": [False] * len(rows), "retrieved_utc": [r[2] for r in rows]}, schema=COMMENT_SCHEMA)
+
+
+def _task_files(store: DeltaStore, *batches: pa.Table) -> list[tuple]:
+    """What a Ray ingest task returns on a Delta store: each batch's files, written into the tables' folders."""
+    dirs = store.raw_table_dirs()
+    return [(write_table_file(dirs["comments"], rows), write_table_file(dirs["posts"], POST_SCHEMA.empty_table()))
+            for rows in batches]
+
+
+def test_a_tasks_files_are_committed_as_written_when_every_id_is_new(tmp_path, monkeypatch):
+    from deltalake import DeltaTable
+
+    monkeypatch.setenv("AHF_STORE_FORMAT", "delta")
+    with Store(tmp_path / "s") as store:
+        files = _task_files(store, _comments(("a", "x", 1), ("b", "y", 1)), _comments(("c", "z", 1)))
+        assert [f[1] for f in files] == [None, None]  # an empty batch writes no file
+        assert store.rows("SELECT count(*) FROM comments") == [(0,)]  # written, not committed: nobody reads them
+        assert store.commit_files(files) == {"comments": "committed"}
+        assert store.rows("SELECT id, body FROM comments ORDER BY id") == [("a", "x"), ("b", "y"), ("c", "z")]
+    table = DeltaTable(str(tmp_path / "s" / "delta" / "comments"))
+    assert sorted(Path(u).name for u in table.file_uris()) == sorted(f[0]["path"] for f in files)  # no row rewritten
+    assert table.history(1)[0]["operation"] == "WRITE" and table.count() == 3  # one commit, with the row counts
+
+
+def test_a_tasks_files_whose_ids_repeat_are_upserted_in_order_and_never_committed(tmp_path, monkeypatch):
+    """The same batches through commit_files and through upsert give the same rows: newest retrieval wins,
+    ties to the later batch; the task's files are deleted."""
+    monkeypatch.setenv("AHF_STORE_FORMAT", "delta")
+    stored = _comments(("a", "old", 5))
+    batches = [_comments(("a", "newer", 7), ("b", "first", 3)), _comments(("b", "tie, later", 3), ("c", "new", 1))]
+    with Store(tmp_path / "upserted") as store:
+        store.upsert(stored, POST_SCHEMA.empty_table())
+        for rows in batches:
+            store.upsert(rows, POST_SCHEMA.empty_table())
+        expected = store.rows("SELECT * FROM comments ORDER BY id")
+    with Store(tmp_path / "taken") as store:
+        store.upsert(stored, POST_SCHEMA.empty_table())
+        files = _task_files(store, *batches)
+        assert store.commit_files(files) == {"comments": "merged"}
+        assert store.rows("SELECT * FROM comments ORDER BY id") == expected
+    assert [r[4] for r in expected] == ["newer", "tie, later", "new"]
+    assert not any((tmp_path / "taken" / "delta" / "comments" / f[0]["path"]).exists() for f in files)
 
 
 def test_a_failed_publish_keeps_the_previous_tables(both, tmp_path, monkeypatch):
@@ -173,6 +225,16 @@ def test_kill_minus_9_of_a_ray_worker_then_the_run_finishes_the_same(shared_data
     assert report.ok and report.records_read == report.ingested == 240_000
     assert _rows(tmp_path / "ray", "comments") == _rows(local, "comments")
     assert _rows(tmp_path / "ray", "turns") == _rows(local, "turns")
+    # the first file's ids were all new: its task's own files were committed (no row went through the
+    # driver); the other three files repeat its ids, so they were upserted ...
+    from deltalake import DeltaTable
+
+    first = [Path(u).name for u in DeltaTable(str(tmp_path / "ray" / "delta" / "comments"), version=1).file_uris()]
+    assert first and all(name.startswith("part-ahf-") for name in first)
+    # ... and a second run of the same files, whose ids are all stored, is upserted: still the same rows
+    with make_engine("ray") as engine:
+        assert ingest(inputs, tmp_path / "ray", engine=engine).ok
+    assert _rows(tmp_path / "ray", "comments") == _rows(local, "comments")
 
 
 def test_migrate_a_duckdb_store_of_this_release(both, tmp_path, capsys):

@@ -49,9 +49,14 @@ def _run(engine_name: str, shared_data, out):
             "workers": workers}
 
 
-@pytest.fixture(scope="module")
-def runs(shared_data, ray_cluster, tmp_path_factory):
-    return {name: _run(name, shared_data, tmp_path_factory.mktemp(name)) for name in ("local", "ray")}
+@pytest.fixture(scope="module", params=["delta", "duckdb"])
+def runs(request, shared_data, ray_cluster, tmp_path_factory):
+    """Both engines on each store format: Delta (the default; a Ray ingest commits its tasks' own files) and
+    the DuckDB file (the driver writes every row)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AHF_STORE_FORMAT", request.param)
+        return {name: _run(name, shared_data, tmp_path_factory.mktemp(f"{name}-{request.param}"))
+                for name in ("local", "ray")}
 
 
 def _same(a, b) -> bool:

@@ -382,8 +382,8 @@ def test_acts_do_not_depend_on_subreddit_names(store, tagged, tmp_path):
     shutil.copytree(store_dir, copy)
     with Store(copy) as s:
         # Give every story the name that would give it away, and everything else a misleading one.
-        s.con.execute("UPDATE turns SET subreddit = CASE WHEN starts_with(comment_id, 'ws') "
-                      "THEN 'WritingPrompts' ELSE 'explainlikeimfive' END")
+        s.replace_tables({"turns": "SELECT * REPLACE (CASE WHEN starts_with(comment_id, 'ws') "
+                                   "THEN 'WritingPrompts' ELSE 'explainlikeimfive' END AS subreddit) FROM turns"})
     tag_acts(copy)
     with Store(store_dir, read_only=True) as a, Store(copy, read_only=True) as b:
         before = a.con.sql("SELECT comment_id, act, round(confidence, 9) FROM acts ORDER BY 1").fetchall()

@@ -283,7 +283,8 @@ def test_api_listing_file_is_ingested(shared_data, tmp_path, suffix):
     assert (report.records_read, report.ingested) == (100, 100)
 
 
-def test_store_uses_the_cores_this_process_may_run_on(tmp_path):
+@pytest.mark.parametrize("fmt", ["duckdb", "delta"])
+def test_store_uses_the_cores_this_process_may_run_on(tmp_path, fmt):
     """DuckDB counts the machine's cores; under taskset / a cpuset the store (and the ingest's bulk
     load, which resets to it) must use only the cores it was given, or its threads share one core."""
     dump = tmp_path / "RC.ndjson"
@@ -293,7 +294,8 @@ def test_store_uses_the_cores_this_process_may_run_on(tmp_path):
             "from mining.ingest import ingest; from mining.store import Store; "
             f"assert ingest([{str(dump)!r}], {str(tmp_path / 's')!r}, rebuild=False).ok; "
             f"print(Store({str(tmp_path / 's')!r}).value(\"SELECT current_setting('threads')\"))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                         env=os.environ | {"AHF_STORE_FORMAT": fmt})
     assert out.returncode == 0, out.stderr
     assert os.cpu_count() == 1 or duckdb.connect().execute("SELECT current_setting('threads')").fetchone()[0] > 1
     assert out.stdout.split()[-1] == "1"

@@ -253,7 +253,10 @@ def test_serve_lists_and_downloads_sentiment_pairs(store, tmp_path):
         assert served == exported == expected and count == len(expected)
 
 
-def test_sentiment_tiers_from_an_older_store_are_a_clear_error(store, tmp_path):
+def test_sentiment_tiers_from_an_older_store_are_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("AHF_STORE_FORMAT", "duckdb")  # an older release's store: a DuckDB file, edited in place below
+    store = tmp_path / "store"
+    assert ingest([write_fixture(tmp_path / "fixture.ndjson")], store).ok
     label_store(store, LabelConfig())
     with Store(store) as s:  # labels written before the column existed
         s.con.execute("ALTER TABLE labels DROP COLUMN sentiment_tier")

@@ -51,7 +51,8 @@ def _write_hostile(folder: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    """The generated corpus (40 posts) and the hostile thread, through every stage the explorer reads."""
+    """The generated corpus (40 posts) and the hostile thread, through every stage the explorer reads, in a
+    DuckDB-file store (test_a_delta_store_serves_the_same_pages migrates a copy: both formats are served)."""
     from feedback.labels import label_store
     from index.acts import tag_acts
     from index.build import build_index
@@ -61,7 +62,9 @@ def store(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("serve")
     corpus = generate(work / "corpus", SyntheticSpec(posts=40))
     store = work / "store"
-    ingest([corpus["posts"], corpus["comments"], *_write_hostile(work / "corpus")], store)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AHF_STORE_FORMAT", "duckdb")
+        ingest([corpus["posts"], corpus["comments"], *_write_hostile(work / "corpus")], store)
     build_index(store, threads=2)
     tag_acts(store)
     label_store(store)
@@ -356,12 +359,15 @@ def test_serve_refuses_a_public_host_without_public(capsys):
 
 @pytest.fixture(scope="module")
 def bare_store(tmp_path_factory) -> Path:
-    """Turns only (no acts, labels or index): the hostile thread alone."""
+    """Turns only (no acts, labels or index): the hostile thread alone, in a DuckDB file (the busy-writer
+    test holds its lock; a Delta store has none to hold)."""
     from mining.ingest import ingest
 
     work = tmp_path_factory.mktemp("bare")
     store = work / "store"
-    ingest(_write_hostile(work / "corpus"), store)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AHF_STORE_FORMAT", "duckdb")
+        ingest(_write_hostile(work / "corpus"), store)
     return store
 
 

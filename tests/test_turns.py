@@ -18,20 +18,20 @@ RC_2005 = "pushshift/RC_2005-12.zst"
 def reference_turns(comments: list[tuple], posts: dict, config: TurnConfig) -> tuple[dict, dict]:
     """Turns and filter counts computed the slow, obvious way, independently of the SQL."""
     by_id = {c[0]: c for c in comments}
-    children = defaultdict(list)
+    children = defaultdict(list)  # a thread's replies to one parent: (link_id, parent_id)
     for c in comments:
-        children[c[2]].append(c)
+        children[c[1], c[2]].append(c)
 
     def ancestors(c):
         chain = []
         parent = c[2]
         while parent.startswith("t1_"):
             p = by_id.get(parent[3:])
-            if p is None:
-                return None  # a missing ancestor: orphan
+            if p is None or p[1] != c[1]:
+                return None  # an ancestor missing, or in another thread: orphan
             chain.append(p[0])
             parent = p[2]
-        return chain[::-1]
+        return chain[::-1] if parent == f"t3_{c[1][3:]}" else None  # the top reply answers its own thread's post
 
     turns, filtered = {}, defaultdict(int)
     for cid, link, parent, author, body, score, created in comments:
@@ -56,8 +56,8 @@ def reference_turns(comments: list[tuple], posts: dict, config: TurnConfig) -> t
         if reason:
             filtered[reason] += 1
             continue
-        siblings = sorted(children[parent], key=lambda s: (-(s[5] if s[5] is not None else -10**18), s[6], s[0]))
-        kids = sorted(children[f"t1_{cid}"], key=lambda k: (k[6], k[0]))
+        siblings = sorted(children[link, parent], key=lambda s: (-(s[5] if s[5] is not None else -10**18), s[6], s[0]))
+        kids = sorted(children[link, f"t1_{cid}"], key=lambda k: (k[6], k[0]))
         parent_created = post["created_utc"] if parent.startswith("t3_") and post else (
             by_id[parent[3:]][6] if parent.startswith("t1_") else None)
         post_parts = [post["title"], "" if post["selftext"] in ("[deleted]", "[removed]") else post["selftext"]] \
@@ -154,3 +154,48 @@ def test_failed_rebuild_keeps_previous_turns(shared_data, tmp_path, monkeypatch)
         build_turns(tmp_path)
     with Store(tmp_path, read_only=True) as store:
         assert store.count("turns") == 528
+
+
+def test_a_reply_in_another_thread_is_an_orphan_in_every_partitioning(tmp_path):
+    """A comment whose parent sits in another thread (its link_id and its parent's disagree, as a hostile or
+    damaged record may say) is an orphan, and no turn counts it as a child or a sibling: what a turn is then
+    depends only on its own thread, so any partitioning of the threads (Ray's) gives the same turns."""
+    import orjson
+
+    from ahf.engine import LocalEngine
+
+    def comment(cid, link, parent, created):
+        return {"id": cid, "link_id": link, "parent_id": parent, "author": "u", "body": f"reply {cid} here",
+                "score": 5, "created_utc": 1_500_000_000 + created, "subreddit": "s", "retrieved_on": 1_600_000_000}
+
+    posts = [{"id": p, "title": f"post {p}", "selftext": "", "author": "op", "score": 10, "created_utc": 1_500_000_000,
+              "subreddit": "s", "over_18": False, "num_comments": 3, "retrieved_on": 1_600_000_000} for p in "ab"]
+    comments = [comment("c1", "t3_a", "t3_a", 1), comment("c2", "t3_a", "t1_c1", 2),
+                comment("x1", "t3_b", "t1_c1", 3),  # replies to a's c1 but says it is in thread b
+                comment("x2", "t3_b", "t3_a", 4),   # a top-level reply to post a, in thread b
+                comment("x3", "t3_b", "t1_x1", 5),  # below x1
+                comment("b1", "t3_b", "t3_b", 6)]
+    source = tmp_path / "mixed.ndjson"
+    source.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in posts + comments))
+    ingest([source], tmp_path / "store", rebuild=False)
+
+    class Partitioned(LocalEngine):  # the local engine, with the threads cut into `n` partitions as Ray cuts them
+        def __init__(self, n):
+            super().__init__()
+            self.n = n
+
+        def partitions(self, items, per_partition):
+            return self.n
+
+    results = []
+    for n in (1, 2, 3, 5):
+        report = build_turns(tmp_path / "store", engine=Partitioned(n))
+        with Store(tmp_path / "store", read_only=True) as store:
+            results.append((report.filtered, store.rows(
+                "SELECT comment_id, sibling_rank, n_siblings, n_children, child_ids, ancestor_ids "
+                "FROM turns ORDER BY comment_id")))
+    assert all(r == results[0] for r in results[1:])
+    filtered, turns = results[0]
+    assert filtered == {"orphan": 3}
+    assert turns == [("b1", 1, 1, 0, [], []), ("c1", 1, 1, 1, ["c2"], []), ("c2", 1, 1, 0, [], ["c1"])]
+    _check_against_reference(tmp_path / "store")
