@@ -394,7 +394,6 @@ def score_pairs(model: RewardModel, tokenizer, pairs: list[D.Pair], max_length: 
     return torch.cat(chosen), torch.cat(rejected), report
 
 
-
 def evaluate_pairs(model: RewardModel, tokenizer, pairs: list[D.Pair], max_length: int,
                    max_prompt_length: int = 128, batch_size: int = 16, task: str | None = None,
                    long_replies: str = "auto", window_stride: int | None = None) -> dict:
