@@ -424,18 +424,13 @@ def _load(store: Store, files: list[Path], batch_rows: int, progress, engine) ->
             tasks = [IngestTask(str(path), batch_rows, sink=store.upsert, parsers=parsers, on_bytes=progress)
                      for path in files]
             return [file_report for file_report, _ in engine.map(ingest_partition, tasks)]
-    # A Delta store takes the tasks' files as they are (DeltaStore.commit_files); the DuckDB file, one
-    # writer, upserts their rows here
-    table_dirs = store.raw_table_dirs() if store.format == "delta" else None
+    # A store many can write (Delta) has the tasks write its tables' files; the DuckDB file takes their rows
+    table_dirs = store.task_table_dirs()
     tasks = [IngestTask(str(path), batch_rows, out=str(store.scratch / f"file-{i:05d}"), table_dirs=table_dirs)
              for i, path in enumerate(files)]
     reports = []
     for (file_report, parts), task in zip(engine.map(ingest_partition, tasks), tasks):
-        if table_dirs:
-            store.commit_files(parts)
-        else:
-            for comments, posts in parts:  # in the file's order: later writes win ties, as locally
-                store.upsert(pq.read_table(comments), pq.read_table(posts))
+        store.commit_files(parts)  # in the file's order: later writes win ties, as locally
         shutil.rmtree(task.out, ignore_errors=True)
         if progress:
             progress(file_report.bytes)

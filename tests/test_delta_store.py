@@ -96,7 +96,7 @@ def _comments(*rows: tuple[str, str, int]) -> pa.Table:
 
 def _task_files(store: DeltaStore, *batches: pa.Table) -> list[tuple]:
     """What a Ray ingest task returns on a Delta store: each batch's files, written into the tables' folders."""
-    dirs = store.raw_table_dirs()
+    dirs = store.task_table_dirs()
     return [(write_table_file(dirs["comments"], rows), write_table_file(dirs["posts"], POST_SCHEMA.empty_table()))
             for rows in batches]
 
