@@ -29,6 +29,7 @@ from training.rm import (
     pool_windows,
     resolve_long_replies,
     score_pairs,
+    score_replies,
     score_reward_model,
     tier_logits,
     train_reward_model,
@@ -159,14 +160,33 @@ def test_pooled_windows_pass_gradients_to_every_window():
     assert scores.grad.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0, 1.0])
 
 
-def test_windows_travel_in_padded_batches_only(minilm_tokenizer):
-    encoded, _ = encode_pairs([D.Pair("p", LONG, "r")], minilm_tokenizer, LengthPolicy(32, 8), ReplyWindows())
-    (batch, _), = pair_batches(encoded, "none", 4, 0, minilm_tokenizer.pad_token_id, None)
-    n = len(encoded[0]["chosen_rows"])
-    assert batch.input_ids.shape[0] == n + 1 and batch.extras["sides"].tolist() == [0] * n + [1]
-    for packing in ("varlen", "shared_prompt"):
-        with pytest.raises(UserError, match=f"packing={packing} cannot carry reply windows"):
-            pair_batches(encoded, packing, 4, 512, minilm_tokenizer.pad_token_id, None)
+def test_windows_travel_padded_or_varlen_packed_and_score_the_same(minilm_tokenizer):
+    """A reply in windows is one padded row per window, or one packed sequence per window (varlen); either
+    way its reward is the mean of its windows' (fp32, CPU). shared_prompt packing cannot carry windows."""
+    tok = minilm_tokenizer
+    model = _model(_gpt2(tok), seed=3)
+    pairs = [D.Pair("p", LONG, "r"), D.Pair("a second prompt", "fits", LONG[:150]), D.Pair("third", "x y", "z")]
+    encoded, _ = encode_pairs(pairs, tok, LengthPolicy(32, 8), ReplyWindows())
+    (batch, _), = pair_batches(encoded, "none", 4, 0, tok.pad_token_id, None)
+    n, m = len(encoded[0]["chosen_rows"]), len(encoded[1]["rejected_rows"])
+    assert batch.input_ids.shape[0] == n + m + 4
+    assert batch.extras["sides"].tolist() == [0] * n + [1, 2, 3] + [4] * m + [5]
+    with torch.no_grad():
+        padded = pool_windows(model(**batch.model_inputs("cpu")), batch)
+        packed = []
+        for batch, _ in pair_batches(encoded, "varlen", 4, 4096, tok.pad_token_id, None):
+            restarts = int((batch.position_ids[0] == 0).sum())  # one per packed sequence
+            assert batch.input_ids.shape[0] == 1 and restarts == len(batch.extras["sides"]) == n + m + 4
+            packed.append((batch.extras["pairs"], pool_windows(model(**batch.model_inputs("cpu")), batch)))
+    (members, scores), = packed  # one packed row: every window of the three pairs
+    assert sorted(members) == [0, 1, 2] and batch.real_tokens == sum(
+        len(seq) for e in encoded for key in ("chosen", "rejected")
+        for seq in e.get(f"{key}_rows") or [e["prompt" if key == "chosen" else "rejected_prompt"] + e[key]])
+    by_pair = {i: (scores[k].item(), scores[len(members) + k].item()) for k, i in enumerate(members)}
+    for i in range(3):
+        assert by_pair[i] == pytest.approx((padded[i].item(), padded[3 + i].item()), abs=1e-5)
+    with pytest.raises(UserError, match="packing=shared_prompt cannot carry reply windows"):
+        pair_batches(encoded, "shared_prompt", 4, 512, tok.pad_token_id, None)
 
 
 def test_training_an_encoder_on_long_replies_in_windows(tmp_path, minilm_tokenizer, capsys):
@@ -211,16 +231,32 @@ def test_training_an_encoder_on_long_replies_in_windows(tmp_path, minilm_tokeniz
     assert evaluated["accuracy"] == pytest.approx(result["eval"]["accuracy"])
 
 
-def test_packing_refuses_windows_with_the_fields_named(tmp_path, minilm_tokenizer):
-    rows = [{"prompt": "p", "chosen": LONG, "rejected": "r"}] * 4
+def test_packing_with_windows_trains_varlen_and_refuses_shared_prompt_and_tier_block_sparse(tmp_path,
+                                                                                              minilm_tokenizer):
+    """A causal backbone told long_replies=windows trains on the real DeepSpeed engine in varlen rows, every
+    reply token seen; shared_prompt refuses windows, and block_sparse refuses the tier objective, each naming
+    what to set."""
+    rows = [{"prompt": f"p {i}", "chosen": LONG if i % 2 else "a reply", "rejected": f"r {i}"} for i in range(8)]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     encoder = tmp_path / "tokenizer"
     minilm_tokenizer.save_pretrained(str(encoder))
-    config = RMConfig(model="tiny", tokenizer=str(encoder), random_init=_gpt2(minilm_tokenizer), max_length=32,
-                      max_prompt_length=8, max_steps=1, long_replies="windows", packing="varlen", deepspeed="zero0")
-    with pytest.raises(UserError, match="packing=varlen cannot carry reply windows"):
-        train_reward_model(config, data, tmp_path / "rm")
+    common = dict(model="tiny", tokenizer=str(encoder), random_init=_gpt2(minilm_tokenizer), max_length=32,
+                  max_prompt_length=8, max_steps=2, micro_batch_size=4, lr=1e-3, log_every=1,
+                  long_replies="windows", deepspeed="zero0", eval_pairs=str(data))
+    result = train_reward_model(RMConfig(**common, packing="varlen"), data, tmp_path / "rm")
+    assert result["packing"] == "varlen" and result["long_replies"] == "windows"
+    filtering = result["length_filter"]
+    assert filtering["windows"]["sides_split"] == 4 and filtering["reply_tokens"]["share_seen"] == 1.0
+    assert all(math.isfinite(h["loss"]) for h in result["history"]) and len(result["history"]) == 2
+    with pytest.raises(UserError, match="packing=shared_prompt cannot carry reply windows.*packing=varlen"):
+        train_reward_model(RMConfig(**common, packing="shared_prompt"), data, tmp_path / "rm2")
+    points = tmp_path / "points.jsonl"
+    points.write_text("".join(json.dumps({"prompt": f"p {i}", "completion": "c", "tier": "good"}) + "\n"
+                              for i in range(4)))
+    with pytest.raises(UserError, match="tier objective trains in padded batches: set attention=sdpa"):
+        train_reward_model(RMConfig(**common | {"long_replies": "truncate"}, objective="tier",
+                                    attention="block_sparse"), points, tmp_path / "rm3")
 
 
 def test_a_per_task_head_scores_every_window_with_its_task(minilm_tokenizer):
@@ -239,6 +275,12 @@ def test_a_per_task_head_scores_every_window_with_its_task(minilm_tokenizer):
         assert chosen[0].item() == pytest.approx(reward(encoded[0]["chosen_rows"]), abs=1e-5)
         assert rejected[1].item() == pytest.approx(reward(encoded[1]["rejected_rows"]), abs=1e-5)
     assert report.sides_split == 2
+    # the policy's scorer (one reply at a time) gives each reply the same task's reward
+    replies = score_replies(model, tok, ["p", "q", "p", "q"], [LONG, LONG, "short", "fits"], 32, 8, task="b")
+    assert replies.tolist() == pytest.approx([chosen[0].item(), rejected[1].item(), rejected[0].item(),
+                                              chosen[1].item()], abs=1e-5)
+    assert not torch.allclose(replies, score_replies(model, tok, ["p", "q", "p", "q"], [LONG, LONG, "short", "fits"],
+                                                     32, 8, task="a"), atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- objective: tier
@@ -442,7 +484,15 @@ def test_the_policy_reward_scorer_scores_as_eval_rm(tmp_path, minilm_tokenizer):
 
     windowed = model.save(tmp_path / "windowed", tok, extra={"train_config": trained | {"long_replies": "auto"}})
     scorer = RewardScorer(str(windowed), torch.device("cpu"))
+    rows = []
+    hook = scorer.model.backbone.register_forward_pre_hook(
+        lambda _module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     rewards = scorer(prompts, replies)
+    hook.remove()
+    encoded, _ = encode_points([D.PointExample(p, r, 0) for p, r in zip(prompts, replies)], tok, LengthPolicy(32, 8),
+                               ReplyWindows(5))
+    windows = [len(e.get("rows", [e["ids"]])) for e in encoded]
+    assert windows[1] == 1 and windows[0] > 5 and sum(rows) == sum(windows)  # each reply through the model once
     chosen, _, _, facts = score_reward_model(windowed, pairs_file)
     assert facts["long_replies"] == "windows" and facts["truncation"]["windows"]["sides_split"] == 2
     assert rewards.tolist() == pytest.approx(chosen, abs=1e-5)

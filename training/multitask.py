@@ -55,11 +55,16 @@ def check_task_names(tasks: dict) -> dict:
     return tasks
 
 
+def task_marked(prompt: str, task: str, template: str = TASK_MARKER) -> str:
+    """The task-token form of a prompt: the marker text in front of it."""
+    return template.format(task=task) + prompt
+
+
 def with_task_marker(pairs: list[D.Pair], task: str, template: str = TASK_MARKER) -> list[D.Pair]:
     """The task-token form: the marker text in front of every prompt the replies answer."""
-    marker = template.format(task=task)
-    return [replace(p, prompt=marker + p.prompt,
-                    rejected_prompt=None if p.rejected_prompt is None else marker + p.rejected_prompt)
+    return [replace(p, prompt=task_marked(p.prompt, task, template),
+                    rejected_prompt=None if p.rejected_prompt is None else task_marked(p.rejected_prompt, task,
+                                                                                         template))
             for p in pairs]
 
 

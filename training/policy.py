@@ -20,7 +20,7 @@ from training.config import TrainCommon
 from training.engine import full_state_dict, gathered
 from training.loop import Trainer
 from training.models import RewardModel, build_backbone, load_tokenizer, read_card, save_causal_lm
-from training.rm import card_scoring, score_pairs
+from training.rm import card_scoring, score_replies
 from training.tokens import encode_prompt, pad_rows, shuffled_chunks
 
 
@@ -65,11 +65,9 @@ class RewardScorer:
         self.tokenizer = load_tokenizer(directory)
         self.settings = card_scoring(read_card(directory, "reward_model"), self.model)
 
-    @torch.no_grad()
     def __call__(self, prompts: list[str], replies: list[str]) -> torch.Tensor:
-        pairs = [D.Pair(p, r, r) for p, r in zip(prompts, replies)]
-        chosen, _, _ = score_pairs(self.model, self.tokenizer, pairs, batch_size=16, task=self.task, **self.settings)
-        return chosen
+        return score_replies(self.model, self.tokenizer, prompts, replies, batch_size=16, task=self.task,
+                             **self.settings)
 
 
 @torch.no_grad()

@@ -66,7 +66,7 @@ class RMConfig(TrainCommon):
         "auto", description="a reply past max_length (overlong=truncate): windows (the prompt, then overlapping "
                             "reply windows covering every reply token; the reply's reward is the mean of its "
                             "windows', in training and scoring; objective=tier: the mean of its windows' logits; "
-                            "padded batches only) | truncate (the reply's tail is cut) | auto (windows for encoder "
+                            "padded or varlen-packed) | truncate (the reply's tail is cut) | auto (windows for encoder "
                             "backbones, truncate for causal ones)")
     window_stride: int | None = Field(
         None, ge=1, description="long_replies=windows: reply tokens between window starts (capped at the window, "
@@ -77,7 +77,8 @@ class RMConfig(TrainCommon):
     micro_batch_size: int = Field(4, description="pairs (rows for objective=tier) per padded micro-step")
     pack_tokens: int = Field(4096, description="tokens per packed row (packing varlen / shared_prompt)")
     packing: Literal["auto", "none", "varlen", "shared_prompt"] = Field(
-        "auto", description="batch layout: auto (shared_prompt on CUDA with a causal backbone, else none) | none "
+        "auto", description="batch layout: auto (shared_prompt on CUDA with a causal backbone, varlen when replies are "
+                            "in windows, else none) | none "
                             "(padded) | varlen (packed, block-diagonal) | shared_prompt (packed, prompt encoded once)")
     attention: Literal["sdpa", "block_sparse"] = Field(
         "sdpa", description="packed rows: sdpa (dense mask) | block_sparse (FlexAttention skips masked tiles; "
@@ -263,7 +264,7 @@ def resolve_packing(packing: str, model: RewardModel) -> str:
     """Packing needs a causal backbone that reads the score at a token; encoders stay padded."""
     if packing == "auto":
         return "shared_prompt" if torch.cuda.is_available() and model.pooling == "last" else "none"
-    # (train_reward_model downgrades auto's shared_prompt to varlen for pairs with a rejected_prompt)
+    # (train_reward_model downgrades auto's shared_prompt to varlen for pairs with a rejected_prompt or windows)
     if packing != "none" and model.pooling != "last":
         raise UserError(f"packing={packing} needs a causal backbone (last-token pooling); this one mean-pools")
     return packing
@@ -279,22 +280,20 @@ def pair_batches(encoded: list[dict], packing: str, micro_batch_size: int, pack_
     if packing == "none":
         for members in shuffled_chunks(len(encoded), micro_batch_size, shuffle):
             chunk = [encoded[i] for i in members]
-            batch = side_batch([e.get(f"{key}_rows") or [e[prompt] + e[key]]
-                                for key, prompt in (("chosen", "prompt"), ("rejected", "rejected_prompt"))
-                                for e in chunk], pad_id)
+            batch = side_batch(_sides(chunk), pad_id)
             batch.extras["pairs"] = members
             batch.extras["tasks"] = torch.tensor([e.get("task", 0) for e in chunk])
             batches.append((batch, torch.tensor([e["margin"] for e in chunk])))
         return batches
-    if any("chosen_rows" in e or "rejected_rows" in e for e in encoded):
-        raise UserError(f"packing={packing} cannot carry reply windows (long_replies=windows): set packing=none, "
-                        "or long_replies=truncate")
     shared = packing == "shared_prompt"
+    if shared and any("chosen_rows" in e or "rejected_rows" in e for e in encoded):
+        raise UserError("packing=shared_prompt cannot carry reply windows (long_replies=windows): set "
+                        "packing=varlen or none, or long_replies=truncate")
     if shared and any(e["rejected_prompt"] is not e["prompt"] for e in encoded):
         raise UserError("packing=shared_prompt needs chosen and rejected to share their prompt "
                         "(these pairs have rejected_prompt); use packing=varlen")
-    lengths = [len(e["prompt"]) + len(e["chosen"]) + len(e["rejected"]) + (0 if shared else len(e["rejected_prompt"]))
-               for e in encoded]
+    lengths = [len(e["prompt"]) + len(e["chosen"]) + len(e["rejected"]) if shared
+               else sum(len(seq) for seqs in _sides([e]) for seq in seqs) for e in encoded]
     bins = first_fit(lengths, pack_tokens)
     if shuffle:
         shuffle.shuffle(bins)
@@ -309,25 +308,37 @@ def pair_batches(encoded: list[dict], packing: str, micro_batch_size: int, pack_
                               block_sparse_length=sparse_length)
             # scores come out chosen, rejected per pair: reorder to all chosen then all rejected
             batch.score_index = torch.cat([batch.score_index[0::2], batch.score_index[1::2]])
-        else:
-            seqs = [[e["prompt"] + e["chosen"]] for e in chunk] + [[e["rejected_prompt"] + e["rejected"]] for e in chunk]
-            batch = pack_rows(seqs, pad_id, True, False, block_sparse_length=sparse_length,
-                              use_position_boundaries=not block_sparse
+        else:  # one packed sequence per side, or per window of a reply in windows (pool_windows joins them)
+            sides = _sides(chunk)
+            batch = pack_rows([[seq] for seqs in sides for seq in seqs], pad_id, True, False,
+                              block_sparse_length=sparse_length, use_position_boundaries=not block_sparse
                               and attention_implementation() == "flash_attention_2")
+            batch.extras |= _side_index(sides)
         batch.extras["pairs"] = members
         batch.extras["tasks"] = torch.tensor([e.get("task", 0) for e in chunk])
         batches.append((batch, torch.tensor([e["margin"] for e in chunk])))
     return batches
 
 
+def _sides(chunk: list[dict]) -> list[list[list[int]]]:
+    """Every chosen side of the encoded pairs, then every rejected side: each side's sequences (prompt +
+    window, one per window of a reply in windows; else its one sequence)."""
+    return [e.get(f"{key}_rows") or [e[prompt] + e[key]]
+            for key, prompt in (("chosen", "prompt"), ("rejected", "rejected_prompt")) for e in chunk]
+
+
+def _side_index(sides: list[list[list[int]]]) -> dict:
+    """`{"sides": each sequence's side index}` for pool_windows when some side has several sequences; else {}."""
+    if sum(len(seqs) for seqs in sides) == len(sides):
+        return {}
+    return {"sides": torch.tensor([k for k, seqs in enumerate(sides) for _ in seqs])}
+
+
 def side_batch(sides: list[list[list[int]]], pad_id: int) -> Batch:
     """Padded rows of every side's sequences, side by side (a reply in windows: one row per window; one
-    that fits: its one sequence). When some side has several rows, `extras["sides"]` maps each row to its
-    side's index, for pool_windows."""
-    rows = [seq for seqs in sides for seq in seqs]
-    batch = pad_rows(rows, pad_id)
-    if len(rows) > len(sides):
-        batch.extras["sides"] = torch.tensor([k for k, seqs in enumerate(sides) for _ in seqs])
+    that fits: its one sequence), with `extras["sides"]` (_side_index) for pool_windows."""
+    batch = pad_rows([seq for seqs in sides for seq in seqs], pad_id)
+    batch.extras |= _side_index(sides)
     return batch
 
 
@@ -353,11 +364,12 @@ def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor |
 
 # ----------------------------------------------------------------------------- scoring / eval
 
-def task_inputs(model: RewardModel, batch, device) -> dict:
-    """Model inputs; a per-task-head model also gets each scored row's task (chosen rows, then rejected)."""
+def task_inputs(model: RewardModel, batch, device, sides: int = 2) -> dict:
+    """Model inputs; a per-task-head model also gets each scored row's task: `extras["tasks"]` holds one task
+    per pair (`sides=2`: chosen rows, then rejected) or per reply (`sides=1`)."""
     inputs = batch.model_inputs(device)
     if model.task_conditioning == "task_head":
-        tasks = batch.extras["tasks"].repeat(2)
+        tasks = batch.extras["tasks"].repeat(sides)
         if "sides" in batch.extras:  # one row per reply window
             tasks = tasks[batch.extras["sides"]]
         inputs["task_ids"] = tasks.to(device)
@@ -383,15 +395,44 @@ def score_pairs(model: RewardModel, tokenizer, pairs: list[D.Pair], max_length: 
     for e in encoded:
         e["task"] = task_index or 0
     chosen, rejected = [], []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     for batch, _ in pair_batches(encoded, "none", batch_size, 0, tokenizer.pad_token_id, None):
-        with autocast:
-            logits = model(**task_inputs(model, batch, device)).float()
-        scores = RewardModel.score_from_logits(pool_windows(logits, batch))  # pairwise: the score itself
+        scores = _rewards(model, batch, device, sides=2)
         half = scores.shape[0] // 2
-        chosen.append(scores[:half].cpu())
-        rejected.append(scores[half:].cpu())
+        chosen.append(scores[:half])
+        rejected.append(scores[half:])
     return torch.cat(chosen), torch.cat(rejected), report
+
+
+@torch.no_grad()
+def score_replies(model: RewardModel, tokenizer, prompts: list[str], replies: list[str], max_length: int,
+                  max_prompt_length: int = 128, batch_size: int = 16, task: str | None = None,
+                  long_replies: str = "auto", window_stride: int | None = None) -> torch.Tensor:
+    """One reward per (prompt, reply), each reply through the model once: the reward score_pairs gives a side
+    of a pair whose two replies are both this one (the same prompt cut, the same windows)."""
+    model.eval()
+    device = next(model.parameters()).device
+    task_index = model.task_index(task)
+    if model.task_marker:
+        prompts = [M.task_marked(prompt, task, model.task_marker) for prompt in prompts]
+    windows = ReplyWindows(window_stride) if resolve_long_replies(long_replies, model) == "windows" else None
+    encoded, _ = encode_points([D.PointExample(p, r, 0) for p, r in zip(prompts, replies)], tokenizer,
+                               LengthPolicy(max_length, max_prompt_length, "truncate"), windows)
+    if len(encoded) != len(replies):
+        raise UserError(f"max_length={max_length} leaves no room for a reply after the prompt")
+    rewards = []
+    for members in shuffled_chunks(len(encoded), batch_size, None):
+        batch = side_batch([encoded[i].get("rows") or [encoded[i]["ids"]] for i in members], tokenizer.pad_token_id)
+        batch.extras["tasks"] = torch.full((len(members),), task_index or 0)
+        rewards.append(_rewards(model, batch, device, sides=1))
+    return torch.cat(rewards)
+
+
+def _rewards(model: RewardModel, batch, device, sides: int) -> torch.Tensor:
+    """One reward per side of `batch` (the mean of a reply's windows; a tier model's expected tier)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    with autocast:
+        logits = model(**task_inputs(model, batch, device, sides)).float()
+    return RewardModel.score_from_logits(pool_windows(logits, batch)).cpu()
 
 
 def evaluate_pairs(model: RewardModel, tokenizer, pairs: list[D.Pair], max_length: int,
@@ -505,6 +546,9 @@ class RMTrainer(Trainer):
     def __init__(self, config: RMConfig, data_path, out_dir, progress=None, log=None):
         super().__init__(config, out_dir, progress, log)
         tasks = _check_multitask(config, data_path)
+        if config.attention == "block_sparse" and config.objective == "tier":
+            raise UserError("attention=block_sparse is for packed pairs, and the tier objective trains in padded "
+                            "batches: set attention=sdpa")
         if config.attention == "block_sparse" and not torch.cuda.is_available():
             raise UserError("attention=block_sparse trains on CUDA only (FlexAttention has no backward on the CPU); "
                             "use attention=sdpa")
@@ -561,20 +605,16 @@ class RMTrainer(Trainer):
     def _packing(self) -> str:
         if self.config.objective != "pairwise":
             packing = "none"
-        elif self.windows is not None:  # reply windows travel in padded batches only
-            if self.config.packing in ("varlen", "shared_prompt"):
-                raise UserError(f"packing={self.config.packing} cannot carry reply windows "
-                                f"(long_replies={self.config.long_replies} gives windows on this backbone): set "
-                                "packing=none or auto, or long_replies=truncate")
-            if self.config.attention == "block_sparse":
-                raise UserError("attention=block_sparse is for packed rows, and reply windows "
-                                "(long_replies=windows) are padded: set attention=sdpa or long_replies=truncate")
-            packing = "none"
+        elif self.windows is not None and self.config.packing == "shared_prompt":
+            raise UserError(f"packing=shared_prompt cannot carry reply windows (long_replies="
+                            f"{self.config.long_replies} gives windows on this backbone): set packing=varlen, none "
+                            "or auto, or long_replies=truncate")
         else:
             packing = resolve_packing(self.config.packing, self.model)
-        if packing == "shared_prompt" and self.config.packing == "auto" and any(
-                e["rejected_prompt"] is not e["prompt"] for e in self.encoded):
-            packing = "varlen"
+        windowed = any("chosen_rows" in e or "rejected_rows" in e for e in self.encoded)
+        if packing == "shared_prompt" and self.config.packing == "auto" and (windowed or any(
+                e["rejected_prompt"] is not e["prompt"] for e in self.encoded)):
+            packing = "varlen"  # each window, or each prompt, is its own packed sequence
         if self.config.attention == "block_sparse" and packing == "none":
             raise UserError("attention=block_sparse is for packed rows: set packing=shared_prompt or varlen "
                             "(packing=auto packs only on a GPU)")
