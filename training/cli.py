@@ -1,5 +1,5 @@
 """Verbs of the training stage: `train rm|sft|dpo|rloo`, `train launch` (the commands of a run across
-nodes), `merge rm`, `eval rm` (`eval` is shared with the index stage's `eval acts`, see ahf.args.shared_verb)."""
+nodes), `merge rm`, `eval rm`, `eval surface` (`eval` is shared with the index stage's `eval acts`, see ahf.args.shared_verb)."""
 
 from __future__ import annotations
 
@@ -130,6 +130,17 @@ def add_commands(subparsers) -> None:
     p.add_argument("--task", help="the task to score as (required for a jointly trained multi-task model)")
     _common(p, config=False)
     p.set_defaults(handler=run_eval_rm)
+    p = evaluate.add_parser("surface", help="which surface statistics of the replies already predict the pairs "
+                                            "(7 features, chosen per fold by prompt): the floor beside length")
+    p.add_argument("--pairs", required=True, help="pairs file (prompt, chosen, rejected)")
+    p.add_argument("--folds", type=int, default=5, help="folds by prompt (at or past the prompt count: leave one "
+                                                        "prompt out)")
+    p.add_argument("--seed", type=int, default=0, help="which prompts share a fold; the bootstrap's seed")
+    p.add_argument("--detokenize", action="store_true", help="undo WritingPrompts tokenisation")
+    p.add_argument("--text-only", action="store_true", help="the 5 text features only: no encoder for prompt "
+                                                            "similarity and originality")
+    _common(p, config=False)
+    p.set_defaults(handler=run_eval_surface)
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -222,18 +233,23 @@ def _interval(ci: dict | list | None) -> str:
     return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else "[-]"
 
 
-def _eval_rm_lines(result: dict) -> list[str]:
-    """The headline figures of training.evaluation.pair_metrics (95 % intervals: bootstrap over prompts)."""
+def _eval_rm_lines(result: dict, reward_scale: bool = True) -> list[str]:
+    """The headline figures of training.evaluation.pair_metrics (95 % intervals: bootstrap over prompts);
+    `reward_scale=False` (rewards that are raw features, not a model's logits) leaves out the mean margin and
+    the calibration."""
     vs, similar, regressed = result["vs_length"], result["length_controlled"], result["length_regressed"]
     similar_text = (f"{similar['accuracy']:.3f} {_interval(similar['ci'])} (length baseline "
                     f"{similar['length_baseline']:.3f})" if similar["pairs"] else "-")
-    return [f"{result['pairs']} pairs, {result['prompts']} prompts: accuracy {result['accuracy']:.3f} "
-            f"{_interval(result['accuracy_ci'])}   mean margin {result['mean_margin']:+.3f}",
-            f"length baseline (longer wins) {result['length_baseline']:.3f} {_interval(result['length_baseline_ci'])}"
-            f"   model - baseline {vs['difference']:+.3f} {_interval(vs['ci'])}",
-            f"length-controlled: {similar['pairs']} pairs within {similar['tolerance']:.0%} in words "
-            f"{similar_text}; after a monotone length fit {regressed['accuracy']:.3f} {_interval(regressed['ci'])}",
-            f"calibration (sigmoid of the reward difference vs observed): ECE {result['calibration']['ece']:.3f}"]
+    margin = f"   mean margin {result['mean_margin']:+.3f}" if reward_scale else ""
+    lines = [f"{result['pairs']} pairs, {result['prompts']} prompts: accuracy {result['accuracy']:.3f} "
+             f"{_interval(result['accuracy_ci'])}{margin}",
+             f"length baseline (longer wins) {result['length_baseline']:.3f} {_interval(result['length_baseline_ci'])}"
+             f"   model - baseline {vs['difference']:+.3f} {_interval(vs['ci'])}",
+             f"length-controlled: {similar['pairs']} pairs within {similar['tolerance']:.0%} in words "
+             f"{similar_text}; after a monotone length fit {regressed['accuracy']:.3f} {_interval(regressed['ci'])}"]
+    if reward_scale:
+        lines.append(f"calibration (sigmoid of the reward difference vs observed): ECE {result['calibration']['ece']:.3f}")
+    return lines
 
 
 @quiet_stdout
@@ -250,6 +266,25 @@ def run_eval_rm(args, stdout=None) -> int:
     for bucket in result.get("by_bucket", {}).get("buckets", []):
         lines.append(f"  {result['by_bucket']['by']} {bucket['range'][0]:.3g}..{bucket['range'][1]:.3g}: "
                      f"n={bucket['n']} accuracy {bucket['accuracy']:.3f}  length {bucket['length_baseline']:.3f}")
+    _emit(result, args, stdout=stdout, human="\n".join(lines))
+    return 0
+
+
+@quiet_stdout
+def run_eval_surface(args, stdout=None) -> int:
+    from training.surface_scan import evaluate_surface
+
+    if args.folds < 2:
+        raise UserError(f"--folds {args.folds}: at least 2 (each fold's rule is chosen on the other folds)")
+    result = evaluate_surface(args.pairs, args.folds, args.seed, args.detokenize, args.text_only)
+    chosen = sorted({(p["feature"], p["direction"]) for p in result["picks"]})
+    picked = ", ".join(f"{name} ({'larger' if d > 0 else 'smaller'} wins) in "
+                       f"{sum((p['feature'], p['direction']) == (name, d) for p in result['picks'])}" for name, d in chosen)
+    lines = [f"the best surface rule, chosen on each of {result['folds']} folds' training prompts: {picked}",
+             *_eval_rm_lines(result, reward_scale=False), "each feature alone (diagnostic: the best of these rows is optimistic):"]
+    lines += [f"  {name:<18} {row['accuracy']:.3f} {_interval(row['accuracy_ci'])}  similar length "
+              + (f"{row['similar_length_accuracy']:.3f}" if row["similar_length_accuracy"] is not None else "-")
+              for name, row in result["by_feature"].items()]
     _emit(result, args, stdout=stdout, human="\n".join(lines))
     return 0
 

@@ -330,6 +330,17 @@ def split_by_prompt(examples: list, eval_fraction: float, seed: int = 0) -> tupl
     return ([e for e in examples if e.prompt not in held_out], [e for e in examples if e.prompt in held_out])
 
 
+def prompt_folds(examples: list, folds: int, seed: int) -> list[tuple[list, list]]:
+    """k-fold cross-validation by prompt: every prompt is held out exactly once (seeded assignment); `folds` at
+    or past the prompt count is leave-one-prompt-out (one fold per prompt, no assignment noise)."""
+    prompts = sorted({e.prompt for e in examples})
+    folds = min(folds, len(prompts))
+    random.Random(seed).shuffle(prompts)
+    fold_of = {prompt: i % folds for i, prompt in enumerate(prompts)}
+    return [([e for e in examples if fold_of[e.prompt] != k], [e for e in examples if fold_of[e.prompt] == k])
+            for k in range(folds)]
+
+
 @dataclass
 class FilterReport:
     """What length filtering did: `kept` rows, and per-reason counts of dropped / truncated ones; where a

@@ -4,11 +4,14 @@ baseline, and whether merged models, or one model trained jointly on both tasks,
     python -m training.evidence --out runs/evidence [--max-length 128] [--epochs 2]
     python -m training.evidence probe [--task stories|explanations] [--variants probe words+sentence_words ...]
         [--seeds 0 1 2] [--folds 5] [--out runs/evidence_probe] [--cache runs/embedding_cache]
+    python -m training.evidence surface-scan [--seeds 0 1 2] [--folds 5] [--out runs/surface_scan]
+        [--cache runs/embedding_cache] [--no-embeddings]
 
 `probe`: `method: probe` reward models (training/probe.py) with the variants of PROBE_VARIANTS; stories by
 k-fold cross-validation over prompts (every prompt held out once, the held-out scores pooled into one
 `training.evaluation.pair_metrics` per seed; `--folds 52` or more: leave-one-prompt-out), explanations by
 the seeded question split below. Every probe chooses its own head on its training prompts only (nested).
+`surface-scan`: the search-inclusive estimate of the best of 7 surface features (training/surface_scan.py).
 
 Task 1, stories: the 374 WritingPrompts pairs (chosen = more upvotes), split by prompt (20 % of prompts held out).
 Task 2, explanations: lfqa validity annotations -> pairs (valid answer > invalid answer), split by question
@@ -109,25 +112,12 @@ PROBE_VARIANTS: dict[str, dict] = {  # name -> RMConfig overrides of the method=
 }
 
 
-def prompt_folds(pairs: list[D.Pair], folds: int, seed: int) -> list[tuple[list[D.Pair], list[D.Pair]]]:
-    """k-fold cross-validation by prompt: every prompt is held out exactly once (seeded assignment); `folds` at
-    or past the prompt count is leave-one-prompt-out (one fold per prompt, no assignment noise)."""
-    import random
-
-    prompts = sorted({p.prompt for p in pairs})
-    folds = min(folds, len(prompts))
-    random.Random(seed).shuffle(prompts)
-    fold_of = {prompt: i % folds for i, prompt in enumerate(prompts)}
-    return [([p for p in pairs if fold_of[p.prompt] != k], [p for p in pairs if fold_of[p.prompt] == k])
-            for k in range(folds)]
-
-
 def probe_splits(task: str, seed: int, folds: int) -> list[tuple[list[D.Pair], list[D.Pair]]]:
     """(train, held-out) pairs: stories by k-fold over prompts (each of the 52 prompts held out once);
     explanations by the seeded question split of `training.data.explanation_task` (20 % of questions)."""
     if task == "stories":
-        return prompt_folds(D.load_pairs(SHARED_DATA / "writingprompts" / "upvote_ranked_pairs.jsonl", detok=True),
-                            folds, seed)
+        return D.prompt_folds(D.load_pairs(SHARED_DATA / "writingprompts" / "upvote_ranked_pairs.jsonl",
+                                           detok=True), folds, seed)
     train, held, _ = D.explanation_task(SHARED_DATA / "explanations" / "validity_annotation.jsonl", 0.2, seed)
     return [(train, held)]
 
@@ -155,18 +145,21 @@ def probe_run(out: Path, task: str, variant: str, seed: int, folds: int, cache: 
         chosen_epochs.append(result["probe"]["epochs"])
         inner.append(result["probe"]["validation_accuracy"])
         seconds += result["train_seconds"]
-    m = pair_metrics(chosen, rejected, scored, seed=seed)
+    return {"seed": seed, **metrics_summary(pair_metrics(chosen, rejected, scored, seed=seed)),
+            "chosen_l2": chosen_l2, "chosen_features": chosen_features, "chosen_epochs": chosen_epochs,
+            "inner_accuracy": inner, "folds": len(chosen_features), "train_seconds": round(seconds, 1)}
+
+
+def metrics_summary(m: dict) -> dict:
+    """The evidence tables' columns of a training.evaluation.pair_metrics result, rounded."""
     control, regressed = m["length_controlled"], m["length_regressed"]
-    return {"seed": seed, "pairs": m["pairs"], "prompts": m["prompts"], "accuracy": round(m["accuracy"], 3),
+    return {"pairs": m["pairs"], "prompts": m["prompts"], "accuracy": round(m["accuracy"], 3),
             "accuracy_ci": _rounded(m["accuracy_ci"]["bootstrap"]), "length_baseline": round(m["length_baseline"], 3),
             "vs_length": round(m["vs_length"]["difference"], 3), "vs_length_ci": _rounded(m["vs_length"]["ci"]),
             "similar_length_pairs": control["pairs"], "similar_length_accuracy": _round(control["accuracy"]),
             "similar_length_ci": _rounded((control["ci"] or {}).get("bootstrap")),
             "length_regressed_accuracy": round(regressed["accuracy"], 3),
-            "length_regressed_ci": _rounded(regressed["ci"]["bootstrap"]), "chosen_l2": chosen_l2,
-            "chosen_features": chosen_features, "chosen_epochs": chosen_epochs, "inner_accuracy": inner,
-            "folds": len(chosen_features),
-            "train_seconds": round(seconds, 1)}
+            "length_regressed_ci": _rounded(regressed["ci"]["bootstrap"])}
 
 
 def _round(x):
@@ -228,6 +221,40 @@ def probe_main(argv) -> int:
     return 0
 
 
+def surface_main(argv) -> int:
+    """The 7-feature surface scan (training/surface_scan.py) of the story pairs, nested in the outer folds by
+    prompt, per seed: the honest estimate and each feature's diagnostic row."""
+    from training.surface_scan import embed, surface_scan
+
+    parser = argparse.ArgumentParser(prog="python -m training.evidence surface-scan")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--folds", type=int, default=5, help="outer folds by prompt (52 or more: leave one out)")
+    parser.add_argument("--out", default="runs/surface_scan")
+    parser.add_argument("--cache", default="runs/embedding_cache")
+    parser.add_argument("--no-embeddings", action="store_true", help="the 5 text features only (no encoder)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    pairs = D.load_pairs(SHARED_DATA / "writingprompts" / "upvote_ranked_pairs.jsonl", detok=True)
+    embeddings, stats = (None, None) if args.no_embeddings else embed(pairs, args.cache)
+    runs = []
+    for seed in args.seeds:
+        result = surface_scan(pairs, args.folds, seed, embeddings)
+        runs.append({"seed": seed, "folds": result["folds"], "held_wins": result["held_wins"],
+                     **metrics_summary(result), "picks": result["picks"],
+                     "by_feature_not_honest": {name: {k: _round(v) if isinstance(v, float) else
+                                                      _rounded(v) if k.endswith("_ci") else v
+                                                      for k, v in row.items()}
+                                               for name, row in result["by_feature"].items()}})
+    report = {"data": "writingprompts/upvote_ranked_pairs.jsonl (detok)", "embedding": stats,
+              "features": result["features"], "runs": runs}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"surface_scan_folds{runs[0]['folds']}_seeds{'-'.join(map(str, args.seeds))}"
+    (out / f"{name}{'_text' if args.no_embeddings else ''}.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 def probe_tasks_run(out: Path, seed: int, cache: Path) -> dict:
     """Two tasks with the probe recipe: a probe per task, one on both tasks' pairs pooled (`joint`), and the
     ensemble of the two per-task probes (training/ensemble.py, standardised on the pooled training pairs),
@@ -267,6 +294,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["probe"]:
         return probe_main(argv[1:])
+    if argv[:1] == ["surface-scan"]:
+        return surface_main(argv[1:])
     if argv[:1] == ["probe-tasks"]:  # python -m training.evidence probe-tasks OUT CACHE SEED [SEED ...]
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         out, cache, seeds = Path(argv[1]), Path(argv[2]), [int(s) for s in argv[3:]] or [0]
