@@ -89,7 +89,9 @@ def test_long_texts_are_embedded_whole_and_cached(encoder, tmp_path):
     story = " ".join(f"word{i}" for i in range(700))
     chunking = Chunking(64, 48)
     cache = embedding_cache(tmp_path, encoder, chunking)
-    first, stats = embed_texts([story, "short"], encoder, chunking, cache)
+    advanced = []
+    first, stats = embed_texts([story, "short"], encoder, chunking, cache, advanced.append)
+    assert sum(advanced) == stats["windows"]  # progress counts every window the encoder ran
     whole = len(encoder.tokens(story)) + len(encoder.tokens("short"))
     assert stats["tokens_seen"] == stats["tokens_whole"] == whole and whole > 700  # nothing cut
     assert stats["windows"] == len(chunking.windows(len(encoder.tokens(story)))) + 1
@@ -99,8 +101,9 @@ def test_long_texts_are_embedded_whole_and_cached(encoder, tmp_path):
     vectors = encoder.embed([ids[s:e] for s, e in spans])
     weights = np.array([e - s for s, e in spans], dtype=np.float32)
     np.testing.assert_allclose(first[story], (vectors * weights[:, None]).sum(0) / weights.sum(), atol=1e-5)
-    again, stats = embed_texts([story, "short"], encoder, chunking, cache)
+    again, stats = embed_texts([story, "short"], encoder, chunking, cache, advanced.append)
     assert stats["encoded"] == 0 and stats["cached"] == 2 and stats["windows"] == 0
+    assert sum(advanced) == len(chunking.windows(len(encoder.tokens(story)))) + 1  # the cache ran none
     assert stats["tokens_seen"] == stats["tokens_whole"] == whole
     np.testing.assert_array_equal(again[story], first[story])
     # another chunking is another cache entry

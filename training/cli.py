@@ -276,7 +276,9 @@ def run_eval_surface(args, stdout=None) -> int:
 
     if args.folds < 2:
         raise UserError(f"--folds {args.folds}: at least 2 (each fold's rule is chosen on the other folds)")
-    result = evaluate_surface(args.pairs, args.folds, args.seed, args.detokenize, args.text_only)
+    with progress_bar("embedding windows", enabled=not args.json) as advance:
+        result = evaluate_surface(args.pairs, args.folds, args.seed, args.detokenize, args.text_only,
+                                  progress=advance)
     chosen = sorted({(p["feature"], p["direction"]) for p in result["picks"]})
     picked = ", ".join(f"{name} ({'larger' if d > 0 else 'smaller'} wins) in "
                        f"{sum((p['feature'], p['direction']) == (name, d) for p in result['picks'])}" for name, d in chosen)

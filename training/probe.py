@@ -46,6 +46,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -124,8 +125,9 @@ class FrozenEncoder:
         return ids or [self.tokenizer.eos_token_id or self.tokenizer.pad_token_id or 0]
 
     @torch.no_grad()
-    def embed(self, windows: list[list[int]]) -> np.ndarray:
-        """One pooled vector per window of token ids (batched by length, padded on the right)."""
+    def embed(self, windows: list[list[int]], progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """One pooled vector per window of token ids (batched by length, padded on the right); `progress(n)`
+        after each batch of n windows."""
         order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
         out = np.zeros((len(windows), self.model.config.hidden_size), dtype=np.float32)
         pad = self.tokenizer.pad_token_id or 0
@@ -144,6 +146,8 @@ class FrozenEncoder:
             if self.normalize:
                 pooled = F.normalize(pooled, dim=-1)
             out[members] = pooled.cpu().numpy()
+            if progress:
+                progress(len(members))
         return out
 
 
@@ -161,11 +165,12 @@ def embedding_cache(root: str | Path, encoder: FrozenEncoder, chunking: Chunking
     return EmbeddingCache(Path(root).expanduser() / encoder.key / chunking.key())
 
 
-def embed_texts(texts: list[str], encoder: FrozenEncoder, chunking: Chunking,
-                cache: EmbeddingCache | None) -> tuple[dict[str, np.ndarray], dict]:
+def embed_texts(texts: list[str], encoder: FrozenEncoder, chunking: Chunking, cache: EmbeddingCache | None,
+                progress: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """{text: embedding} for the distinct texts, and what it took: texts encoded now / read from the cache,
     windows run, tokens seen (the union of the windows) and the texts' whole token count. Every text is
-    tokenised (cheap, and its count is reported); only the texts the cache lacks are embedded."""
+    tokenised (cheap, and its count is reported); only the texts the cache lacks are embedded, `progress(n)`
+    after each batch of n windows."""
     distinct = list(dict.fromkeys(texts))
     ids = [encoder.tokens(text) for text in distinct]
     keys = text_keys(distinct)
@@ -175,7 +180,7 @@ def embed_texts(texts: list[str], encoder: FrozenEncoder, chunking: Chunking,
     todo = np.flatnonzero(rows < 0)
     spans = {i: chunking.windows(len(ids[i])) for i in todo}
     windows = [ids[i][start:end] for i in todo for start, end in spans[i]]
-    vectors, first = (encoder.embed(windows) if windows else None), 0
+    vectors, first = (encoder.embed(windows, progress) if windows else None), 0
     for i in todo:
         weights = np.array([max(1, end - start) for start, end in spans[i]], dtype=np.float32)
         found[distinct[i]] = (vectors[first:first + len(weights)] * weights[:, None]).sum(0) / weights.sum()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -83,15 +84,18 @@ TEXT_FEATURES = {"words": lambda t: probe_value("words", t), "sentence_words": l
     "sentence_words", t), "dialogue": dialogue, "paragraphs": paragraphs, "first_person": first_person}
 
 
-def embed(pairs: list[D.Pair], cache_dir: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    """The probe's embeddings of every prompt and reply ({text: vector}) and embed_texts' stats."""
+def embed(pairs: list[D.Pair], cache_dir: str | Path, progress: Callable[[int], None] | None = None
+          ) -> tuple[dict[str, np.ndarray], dict]:
+    """The probe's embeddings of every prompt and reply ({text: vector}) and embed_texts' stats; `progress(n)`
+    after each batch of n windows the encoder runs (the cache's texts run none)."""
     from training.probe import Chunking, FrozenEncoder, embed_texts, embedding_cache, rows_texts
     from training.rm import RMConfig
 
     defaults = RMConfig(method="probe")
     encoder, chunking = FrozenEncoder(None), Chunking(defaults.probe_chunk_tokens, defaults.probe_chunk_stride)
     encoder.check(chunking)
-    return embed_texts(rows_texts(pairs), encoder, chunking, embedding_cache(cache_dir, encoder, chunking))
+    return embed_texts(rows_texts(pairs), encoder, chunking, embedding_cache(cache_dir, encoder, chunking),
+                       progress)
 
 
 def surface_features(pairs: list[D.Pair], embeddings: dict[str, np.ndarray] | None = None
@@ -176,9 +180,10 @@ def surface_scan(pairs: list[D.Pair], folds: int = 5, seed: int = 0,
 
 
 def evaluate_surface(pairs_path: str | Path, folds: int = 5, seed: int = 0, detokenize: bool = False,
-                     text_only: bool = False, cache_dir: str | Path | None = None) -> dict:
+                     text_only: bool = False, cache_dir: str | Path | None = None,
+                     progress: Callable[[int], None] | None = None) -> dict:
     """`ahf eval surface`: the surface scan of a pairs file; the two embedding features use the probe's
-    default encoder (the offline MiniLM) and embedding cache unless `text_only`."""
+    default encoder (the offline MiniLM) and embedding cache unless `text_only` (`progress`: embed's)."""
     from training.probe import DEFAULT_CACHE
 
     pairs = D.load_pairs(pairs_path, detok=detokenize)
@@ -186,6 +191,6 @@ def evaluate_surface(pairs_path: str | Path, folds: int = 5, seed: int = 0, deto
     if prompts < 2:
         raise UserError(f"{pairs_path}: {len(pairs)} pairs on {prompts} prompt(s); the scan holds prompts out, so "
                         "it needs pairs on 2 prompts at least")
-    embeddings, stats = (None, None) if text_only else embed(pairs, cache_dir or DEFAULT_CACHE)
+    embeddings, stats = (None, None) if text_only else embed(pairs, cache_dir or DEFAULT_CACHE, progress)
     return {"pairs_file": str(pairs_path), **({"embedding": stats} if stats else {}),
             **surface_scan(pairs, folds, seed, embeddings)}
