@@ -19,8 +19,8 @@ from training.rm import (
     ReplyWindows,
     RMConfig,
     RMTrainer,
+    _point_batches,
     _tier_accuracy,
-    _tier_batches,
     bt_loss,
     card_scoring,
     encode_pairs,
@@ -306,7 +306,7 @@ def test_tier_rows_that_fit_score_exactly_as_under_truncation(minilm_tokenizer):
     assert report.to_dict()["reply_tokens"]["share_seen"] == 1.0 and max(len(e["ids"]) for e in cut) == 48
 
     # the training batches and their (pooled) logits: one row per point, the plain padded batch of truncation
-    (batch, tiers), *_ = _tier_batches(windowed, 4, pad, None)
+    (batch, tiers), *_ = _point_batches(windowed, 4, pad, None)
     assert "sides" not in batch.extras and batch.input_ids.shape[0] == 4
     with torch.no_grad():
         plain = torch.cat([model(**pad_rows([e["ids"] for e in windowed[s:s + 4]], pad).model_inputs("cpu"))

@@ -420,9 +420,8 @@ def score_replies(model: RewardModel, tokenizer, prompts: list[str], replies: li
     if len(encoded) != len(replies):
         raise UserError(f"max_length={max_length} leaves no room for a reply after the prompt")
     rewards = []
-    for members in shuffled_chunks(len(encoded), batch_size, None):
-        batch = side_batch([encoded[i].get("rows") or [encoded[i]["ids"]] for i in members], tokenizer.pad_token_id)
-        batch.extras["tasks"] = torch.full((len(members),), task_index or 0)
+    for batch, rows in _point_batches(encoded, batch_size, tokenizer.pad_token_id, None):
+        batch.extras["tasks"] = torch.full_like(rows, task_index or 0)
         rewards.append(_rewards(model, batch, device, sides=1))
     return torch.cat(rewards)
 
@@ -623,7 +622,7 @@ class RMTrainer(Trainer):
     def batches(self) -> list:
         c, pad = self.config, self.tokenizer.pad_token_id
         if c.objective == "tier":
-            return _tier_batches(self.encoded, c.micro_batch_size, pad, self.rng)
+            return _point_batches(self.encoded, c.micro_batch_size, pad, self.rng)
         epoch = self.encoded  # proportional: every pair once, mixed across tasks by the batcher's shuffle
         if self.tasks and c.task_balance == "equal":
             epoch = [self.encoded[i] for i in M.epoch_order([e["task"] for e in self.encoded], "equal", self.rng)]
@@ -730,9 +729,9 @@ def _encode_tasks(train_by_task: dict[str, list[D.Pair]], model: RewardModel, to
     return encoded, total
 
 
-def _tier_batches(encoded: list[dict], size: int, pad_id: int, rng: random.Random | None) -> list:
-    """(Batch, tiers) of `size` rows each; a row in windows brings one padded row per window, mapped to its
-    row by `extras["sides"]` (pool_windows), as for pairs."""
+def _point_batches(encoded: list[dict], size: int, pad_id: int, rng: random.Random | None) -> list:
+    """(Batch, tiers) of `size` encode_points rows each; a row in windows brings one padded row per window,
+    mapped to its row by `extras["sides"]` (pool_windows), as for pairs."""
     out = []
     for members in shuffled_chunks(len(encoded), size, rng):
         chunk = [encoded[i] for i in members]
@@ -755,7 +754,7 @@ def tier_logits(model: RewardModel, encoded: list[dict], pad_id: int, batch_size
     device = next(model.parameters()).device
     model.eval()
     return torch.cat([pool_windows(model(**batch.model_inputs(device)).float(), batch).cpu()
-                      for batch, _ in _tier_batches(encoded, batch_size, pad_id, None)])
+                      for batch, _ in _point_batches(encoded, batch_size, pad_id, None)])
 
 
 def _tier_accuracy(model: RewardModel, tokenizer, points, policy: LengthPolicy, batch_size: int,
